@@ -1,0 +1,113 @@
+"""The dispatcher interface: scatter token rows to the shards that own their experts, gather back.
+
+One class per transport. Each MoE layer sends every worker, at most once, the rows of the
+tokens routed to at least one of its experts, with their (expert id, weight) pairs; the worker
+returns one pre-summed row per token. `dispatch` may return before results arrive, so a
+caller can overlap work; `combine` waits and adds the workers' rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from expertmesh.workers.experts import ExpertShard
+from expertmesh.workers.placement import ExpertPlacement
+
+
+@dataclass
+class WorkerRows:
+    """What one worker receives for one MoE layer."""
+
+    rows: torch.Tensor  # [n] index into the layer's T tokens
+    x: torch.Tensor  # [n, H] in the model dtype
+    expert_ids: torch.Tensor  # [n, k] global expert ids; -1 where the expert is elsewhere
+    weights: torch.Tensor  # [n, k] routing weights (0 where the expert is elsewhere)
+
+
+@dataclass
+class Pending:
+    """An exchange in flight: what was sent and a transport-specific handle to the answer."""
+
+    num_tokens: int
+    parts: dict[int, WorkerRows]
+    handle: Any
+
+
+def split_by_worker(
+    x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, owner: torch.Tensor
+) -> dict[int, WorkerRows]:
+    """Group a layer's token rows by the worker that owns their experts.
+
+    x: [T, H]; expert_ids, weights: [T, k]; owner: [E] shard of each expert.
+    """
+    shard_of = owner[expert_ids]  # [T, k]
+    parts = {}
+    for w in torch.unique(shard_of).tolist():
+        mine = shard_of == w  # [T, k]
+        rows = mine.any(-1).nonzero().squeeze(-1)  # [n]
+        m = mine[rows]
+        parts[w] = WorkerRows(
+            rows=rows,
+            x=x[rows],
+            expert_ids=torch.where(m, expert_ids[rows], -1),
+            weights=torch.where(m, weights[rows], 0),
+        )
+    return parts
+
+
+def add_results(pending: Pending, results: dict[int, torch.Tensor], like: torch.Tensor):
+    """Sum each worker's pre-summed rows into one [T, H] tensor."""
+    out = torch.zeros(pending.num_tokens, like.shape[-1], dtype=like.dtype, device=like.device)
+    for w, part in pending.parts.items():
+        out.index_add_(0, part.rows.to(out.device), results[w].to(out.device, out.dtype))
+    return out
+
+
+class Dispatcher(ABC):
+    """Moves one MoE layer's routed rows to the expert shards and back."""
+
+    def __init__(self, placement: ExpertPlacement):
+        self.placement = placement
+        self._owner = placement.owner_tensor()
+
+    def dispatch(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> Pending:
+        """Send the rows; may return before the answers arrive."""
+        parts = split_by_worker(x, expert_ids, weights, self._owner.to(expert_ids.device))
+        return Pending(x.shape[0], parts, self._send(layer, parts))
+
+    def combine(self, pending: Pending, like: torch.Tensor) -> torch.Tensor:
+        """Wait for the answers and sum them: [T, H]."""
+        return add_results(pending, self._receive(pending), like)
+
+    def __call__(self, layer, x, expert_ids, weights) -> torch.Tensor:
+        return self.combine(self.dispatch(layer, x, expert_ids, weights), x)
+
+    @abstractmethod
+    def _send(self, layer: int, parts: dict[int, WorkerRows]) -> Any: ...
+
+    @abstractmethod
+    def _receive(self, pending: Pending) -> dict[int, torch.Tensor]: ...
+
+    def close(self) -> None:
+        """Release connections; the in-process dispatcher has none."""
+
+
+class LocalDispatcher(Dispatcher):
+    """All shards live in this process: the exchange is a function call."""
+
+    def __init__(self, placement: ExpertPlacement, shards: list[ExpertShard]):
+        super().__init__(placement)
+        self.shards = shards
+
+    def _send(self, layer: int, parts: dict[int, WorkerRows]) -> dict[int, torch.Tensor]:
+        return {
+            w: self.shards[w].forward(layer, p.x, p.expert_ids, p.weights) for w, p in parts.items()
+        }
+
+    def _receive(self, pending: Pending) -> dict[int, torch.Tensor]:
+        return pending.handle

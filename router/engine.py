@@ -1,0 +1,249 @@
+"""The engine loop: schedule, execute, update.
+
+`LLMEngine` owns the gateway model, the KV cache, the scheduler and the sampler; the routed
+experts are reached through the dispatcher it is given (in-process shards, gRPC workers, or a
+collective group). It is synchronous: `step()` runs one batch and returns the tokens made.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from expertmesh.ernie.checkpoint import CheckpointReader, parse_dtype
+from expertmesh.ernie.config import ModelConfig
+from expertmesh.workers.experts import ExpertShard
+from expertmesh.workers.placement import ExpertPlacement
+
+from .batch import build_step
+from .dispatch import Dispatcher, LocalDispatcher
+from .model import GatewayModel
+from .sampling import SamplingParams, make_generator, sample
+from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str = "auto"  # float32, bfloat16, float16; auto: float32 on CPU, the checkpoint's on GPU
+    device: str = "cpu"  # where the gateway computes
+    max_num_seqs: int = 64  # sequences in one batch at most
+    max_tokens_per_step: int = 2048  # tokens through the model in one step (prefill chunking)
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_tokens: int = 65536  # KV-cache budget in tokens over all sequences
+    max_model_len: int | None = None  # prompt + output limit; default: the smaller of the
+    # checkpoint's max_position_embeddings and the cache budget
+
+    def torch_dtype(self, model_cfg: ModelConfig) -> torch.dtype:
+        if self.dtype != "auto":
+            return parse_dtype(self.dtype)
+        if torch.device(self.device).type == "cpu":
+            return torch.float32
+        return parse_dtype(model_cfg.dtype)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take: bad token ids, too long a prompt, a duplicate id."""
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    token_id: int | None  # None when the request ended without a new token (abort, error)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    routed_experts: list[list[int]] | None = None  # [moe_layers][k] for this token
+    finish_reason: str | None = None  # stop, length, abort, error
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    params: SamplingParams
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: GatewayModel,
+        dispatcher: Dispatcher,
+        model_cfg: ModelConfig,
+        cfg: EngineConfig = EngineConfig(),
+    ):
+        self.model, self.dispatcher, self.model_cfg, self.cfg = model, dispatcher, model_cfg, cfg
+        self.device = torch.device(cfg.device)
+        dtype = next(model.parameters()).dtype
+        num_blocks = -(-cfg.kv_cache_tokens // cfg.block_size)
+        shape = (
+            model_cfg.num_layers,
+            num_blocks * cfg.block_size,
+            model_cfg.num_kv_heads,
+            model_cfg.head_dim,
+        )
+        self.kv = (
+            torch.zeros(shape, dtype=dtype, device=self.device),  # k: [layers, slots, kv_heads, D]
+            torch.zeros(shape, dtype=dtype, device=self.device),  # v
+        )
+        self.max_model_len = min(
+            cfg.max_model_len or model_cfg.max_position_embeddings,
+            model_cfg.max_position_embeddings,
+            num_blocks * cfg.block_size,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(num_blocks, cfg.block_size, cfg.max_num_seqs, cfg.max_tokens_per_step)
+        )
+        self.requests: dict[str, _Request] = {}
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        cfg: EngineConfig = EngineConfig(),
+        num_shards: int = 1,
+        placement: ExpertPlacement | None = None,
+    ) -> LLMEngine:
+        """An engine whose expert shards all live in this process."""
+        model_cfg = ModelConfig.from_dir(path)
+        placement = placement or ExpertPlacement.contiguous(model_cfg.num_experts, num_shards)
+        dtype = cfg.torch_dtype(model_cfg)
+        with CheckpointReader(path) as reader:
+            model = GatewayModel.load(reader, model_cfg, dtype, cfg.device)
+            shards = [
+                ExpertShard.load(reader, model_cfg, placement.experts_of(s), dtype, cfg.device)
+                for s in range(placement.num_shards)
+            ]
+        return cls(model, LocalDispatcher(placement, shards), model_cfg, cfg)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise RequestError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_cfg.vocab_size})"
+            )
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(prompt)} tokens; this model's context is "
+                f"{self.max_model_len} tokens including the output"
+            )
+        max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
+        seq = Sequence(request_id, prompt, max_tokens)
+        stop = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop |= set(self.model_cfg.eos_token_ids)
+        try:
+            self.scheduler.add(seq)
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+        self.requests[request_id] = _Request(
+            seq, params, make_generator(params.seed), frozenset(stop)
+        )
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req.seq)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        """Schedule, run the model once, sample, update. Returns the tokens made."""
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        input_ids, meta = build_step(plan, self.cfg.block_size, self.device)
+        logits = self.model(input_ids, meta, self.kv, self.dispatcher)  # [B, V]
+        self.scheduler.advance(plan)
+        return self._update(plan, logits.cpu(), meta.last_index)
+
+    def _update(self, plan: list[ScheduledSeq], logits, last_index) -> list[TokenEvent]:
+        rows = [i for i, s in enumerate(plan) if s.samples]
+        if not rows:
+            return []
+        reqs = [self.requests[plan[i].seq.seq_id] for i in rows]
+        sampled = sample(logits[rows], [r.params for r in reqs], [r.generator for r in reqs])
+        routing = self._routing(reqs, [int(last_index[i]) for i in rows])
+        events = []
+        for req, s, experts in zip(reqs, sampled, routing, strict=True):
+            seq = req.seq
+            seq.token_ids.append(s.token)
+            reason = None
+            if s.token in req.stop_ids:
+                reason = "stop"
+            elif seq.num_generated >= seq.max_tokens:
+                reason = "length"
+            events.append(TokenEvent(seq.seq_id, s.token, s.logprob, s.top, experts, reason))
+            if reason:
+                self.scheduler.finish(seq)
+                del self.requests[seq.seq_id]
+        return events
+
+    def _routing(self, reqs: list[_Request], token_rows: list[int]) -> list:
+        if not any(r.params.return_routed_experts for r in reqs):
+            return [None] * len(reqs)
+        layers = self.model.routing()  # per MoE layer: [T, k]
+        return [
+            [ids[row].tolist() for ids in layers] if r.params.return_routed_experts else None
+            for r, row in zip(reqs, token_rows, strict=True)
+        ]
+
+    # -- offline use ------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]
+    ) -> list[Completion]:
+        """Run prompts to completion in one continuous batch; results in prompt order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        done: dict[str, Completion] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            rid = f"generate-{i}"
+            done[rid] = Completion(rid, list(prompt))
+            self.add_request(rid, prompt, p)
+        while any(c.finish_reason is None for c in done.values()):
+            for ev in self.step():
+                c = done[ev.request_id]
+                c.token_ids.append(ev.token_id)
+                c.logprobs.append(ev.logprob)
+                if ev.top_logprobs is not None:
+                    c.top_logprobs.append(ev.top_logprobs)
+                c.finish_reason = ev.finish_reason
+        return list(done.values())
+
+    def close(self) -> None:
+        self.dispatcher.close()

@@ -1,0 +1,116 @@
+"""The gateway's model math outside the routed experts: norms, rotary, attention, dense MLP.
+
+Plain torch modules. Parameter names follow the Hub checkpoint's keys so that loading is
+a matter of reading each parameter's own name. No communication happens here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from expertmesh.ernie.config import ModelConfig
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, H]; the variance in fp32, as the reference does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """ERNIE's rotary embedding: rotates interleaved pairs (x[2i], x[2i+1]) by pos * f_i."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T] -> cos, sin: [T, 1, D/2] in fp32
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; pairs are adjacent elements; computed in fp32
+    xf = x.float().unflatten(-1, (-1, 2))  # [T, heads, D/2, 2]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: dense layers and the shared experts."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class AttnMeta:
+    """Where a step's tokens sit in the paged KV cache; built once per step, used by all layers.
+
+    The step's T tokens are ordered by sequence; B sequences; Qmax the most new tokens of
+    one sequence, Lmax the longest context (cached + new).
+    """
+
+    positions: torch.Tensor  # [T] position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] cache slot where each token's k/v is written
+    q_index: torch.Tensor  # [B, Qmax] index into T (padding points at 0)
+    q_valid: torch.Tensor  # [B, Qmax] bool
+    kv_slots: torch.Tensor  # [B, Lmax] cache slots of each sequence's context
+    mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True where attention is allowed
+    last_index: torch.Tensor  # [B] index into T of each sequence's last token this step
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h, b = cfg.hidden_size, cfg.use_bias
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=b)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttnMeta,
+    ) -> torch.Tensor:
+        # x: [T, H]; k_cache, v_cache: [slots, kv_heads, D] of this layer
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+
+        qp = q[meta.q_index].transpose(1, 2)  # [B, heads, Qmax, D]
+        kp = k_cache[meta.kv_slots].transpose(1, 2).to(q.dtype)  # [B, kv_heads, Lmax, D]
+        vp = v_cache[meta.kv_slots].transpose(1, 2).to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            qp, kp, vp, attn_mask=meta.mask, enable_gqa=self.heads != self.kv_heads
+        )
+        out = out.transpose(1, 2)[meta.q_valid]  # [T, heads, D]
+        return self.o_proj(out.reshape(t, self.heads * self.head_dim))

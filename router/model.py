@@ -1,0 +1,125 @@
+"""The gateway's part of ERNIE 4.5 MoE: everything except the routed experts.
+
+Module names mirror the Hub checkpoint keys (`model.layers.N.self_attn.q_proj.weight`, ...),
+so loading reads each parameter by its own name. The routed experts are reached through a
+dispatcher handed to `forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+from expertmesh.ernie.checkpoint import CheckpointReader
+from expertmesh.ernie.config import ModelConfig
+from torch import nn
+
+from .dispatch import Dispatcher
+from .gate import Statics, route
+from .layers import MLP, Attention, AttnMeta, RMSNorm, Rotary
+
+
+class MoEBlock(nn.Module):
+    """Gate and shared experts; the routed experts are behind the dispatcher."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.top_k, self.norm_min = layer, cfg.top_k, cfg.moe_norm_min
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # fp32
+        self.moe_statics = Statics(cfg.num_experts)
+        inter = cfg.moe_intermediate_size * cfg.num_shared_experts
+        self.shared_experts = MLP(cfg.hidden_size, inter, cfg.use_bias) if inter else None
+        self.last_routing: torch.Tensor | None = None  # [T, k] expert ids of the last step
+
+    def forward(self, x: torch.Tensor, dispatcher: Dispatcher) -> torch.Tensor:
+        # x: [T, H]
+        weights, ids = route(
+            x, self.gate.weight, self.moe_statics.e_score_correction_bias, self.top_k, self.norm_min
+        )
+        self.last_routing = ids
+        pending = dispatcher.dispatch(self.layer, x, ids, weights)
+        # the shared experts compute while the routed rows are away
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        out = dispatcher.combine(pending, x)
+        return out if shared is None else out + shared
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        if cfg.is_moe_layer(layer):
+            self.mlp = MoEBlock(cfg, layer)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias)
+
+    def forward(self, x, rope, k_cache, v_cache, meta: AttnMeta, dispatcher: Dispatcher):
+        x = x + self.self_attn(self.input_layernorm(x), rope, k_cache, v_cache, meta)
+        h = self.post_attention_layernorm(x)
+        h = self.mlp(h, dispatcher) if isinstance(self.mlp, MoEBlock) else self.mlp(h)
+        return x + h
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+
+
+class GatewayModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.use_bias)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: AttnMeta,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        dispatcher: Dispatcher,
+    ) -> torch.Tensor:
+        """input_ids: [T]; kv: k and v caches [layers, slots, kv_heads, D].
+
+        Returns the logits of each sequence's last token this step: [B, V] in fp32.
+        """
+        x = self.model.embed_tokens(input_ids)  # [T, H]
+        rope = self.rotary(meta.positions)
+        k_cache, v_cache = kv
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rope, k_cache[i], v_cache[i], meta, dispatcher)
+        x = self.model.norm(x[meta.last_index])  # [B, H]
+        return self.lm_head(x).float()
+
+    def routing(self) -> list[torch.Tensor]:
+        """Expert ids [T, k] chosen in each MoE layer during the last forward."""
+        return [
+            layer.mlp.last_routing for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)
+        ]
+
+    @classmethod
+    def load(
+        cls,
+        reader: CheckpointReader,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+    ) -> GatewayModel:
+        """Read every non-expert tensor; the router gate and its bias stay in fp32."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = {}
+        for name, p in model.named_parameters():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                state[name] = state["model.embed_tokens.weight"]
+                continue
+            fp32 = name.endswith("mlp.gate.weight") or "moe_statics" in name
+            state[name] = reader.read(name, tuple(p.shape), torch.float32 if fp32 else dtype)
+        model.load_state_dict(state, assign=True)
+        model.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        return model.to(device).eval()
