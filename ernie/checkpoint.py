@@ -75,11 +75,15 @@ class CheckpointReader:
         self, key: str, shape: tuple[int, ...], dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         """The tensor `key`, checked against `shape`, cast to `dtype` if given."""
+        missing = CheckpointError(
+            f"checkpoint {str(self.path)!r} lacks tensor {key!r} (expected shape {list(shape)})"
+        )
         if key not in self._key_to_file:
-            raise CheckpointError(
-                f"checkpoint {str(self.path)!r} lacks tensor {key!r} (expected shape {list(shape)})"
-            )
-        t = self._handle(self._key_to_file[key]).get_tensor(key)
+            raise missing
+        handle = self._handle(self._key_to_file[key])
+        if key not in handle.keys():  # the index names it, the file does not hold it
+            raise missing
+        t = handle.get_tensor(key)
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(
                 f"tensor {key!r} has shape {list(t.shape)}, expected {list(shape)}"

@@ -224,6 +224,24 @@ class LLMEngine:
 
     # -- offline use ------------------------------------------------------------------------
 
+    def score(self, prompts: Seq[Seq[int]]) -> list[torch.Tensor]:
+        """Logits [L, V] (fp32) at every position of each prompt, in one batch; keeps no state."""
+        seqs = [Sequence(f"score-{i}", list(p), max_tokens=0) for i, p in enumerate(prompts)]
+        need = [self.scheduler.blocks_needed(s) for s in seqs]
+        if not self.scheduler.blocks.can_allocate(sum(need)):
+            raise RequestError("not enough free KV cache to score these prompts")
+        for s, n in zip(seqs, need):
+            s.block_table = self.scheduler.blocks.allocate(n)
+        try:
+            plan = [ScheduledSeq(s, len(s.token_ids)) for s in seqs]
+            input_ids, meta = build_step(plan, self.cfg.block_size, self.device)
+            meta.last_index = torch.arange(len(input_ids), device=self.device)
+            logits = self.model(input_ids, meta, self.kv, self.dispatcher).cpu()  # [T, V]
+        finally:
+            for s in seqs:
+                self.scheduler.blocks.release(s.block_table)
+        return list(logits.split([len(s.token_ids) for s in seqs]))
+
     def generate(
         self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]
     ) -> list[Completion]:

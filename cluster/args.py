@@ -1,0 +1,135 @@
+"""Typed command-line arguments: pydantic models whose fields become argparse flags.
+
+Each field has a default and a one-line description, which is the flag's help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("EXPERTMESH_HOME", Path.home() / ".cache" / "expertmesh"))
+
+
+class TinyArgs(BaseModel):
+    out_dir: str = Field(
+        description="directory to write the checkpoint to", json_schema_extra={"positional": True}
+    )
+    seed: int = Field(0, description="seed of the random weights")
+    experts: int = Field(8, ge=1, description="routed experts per MoE layer")
+    top_k: int = Field(2, ge=1, description="experts chosen per token")
+    shared: int = Field(1, ge=0, description="shared experts")
+    layers: int = Field(4, ge=1, description="decoder layers")
+    hidden: int = Field(64, ge=8, description="hidden size")
+    heads: int = Field(4, ge=1, description="attention heads")
+    kv_heads: int = Field(2, ge=1, description="key/value heads")
+    moe_start: int = Field(1, ge=0, description="first MoE layer index")
+    moe_interval: int = Field(1, ge=1, description="MoE layer interval")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weight dtype")
+    shards: int = Field(2, ge=1, description="safetensors files to split the weights over")
+
+
+class EngineArgs(BaseModel):
+    model: str | None = Field(
+        None, description="checkpoint directory; default: the built-in tiny model"
+    )
+    workers: int = Field(1, ge=1, description="expert workers (shards) to split the experts over")
+    transport: Literal["local", "grpc", "collective"] = Field(
+        "local", description="how the gateway reaches the expert workers"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype; auto: float32 on CPU, the checkpoint's on GPU"
+    )
+    device: str = Field("cpu", description="torch device of the gateway and in-process shards")
+
+
+class GenerateArgs(EngineArgs):
+    prompt: str | None = Field(
+        None, description="prompt text (tokenized with the checkpoint's tokenizer)"
+    )
+    prompt_ids: str | None = Field(
+        None, description="prompt as comma-separated token ids, e.g. 1,2,3"
+    )
+    chat: bool = Field(False, description="wrap --prompt in the chat template as a user message")
+    max_tokens: int = Field(16, ge=1, description="tokens to generate at most")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature; 0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    top_k: int = Field(0, ge=-1, description="sample from the k most likely tokens; 0 keeps all")
+    seed: int | None = Field(None, description="sampling seed")
+    logprobs: int | None = Field(
+        None, ge=0, description="also report the K most likely tokens per step"
+    )
+    ignore_eos: bool = Field(False, description="do not stop at the model's EOS tokens")
+    as_json: bool = Field(
+        False,
+        description="print one JSON line: token_ids, text, logprobs",
+        json_schema_extra={"flag": "--json"},
+    )
+
+
+class BenchEngineArgs(EngineArgs):
+    batch: list[int] = Field([1, 16], description="batch sizes to measure")
+    tokens: int = Field(32, ge=2, description="tokens to generate per sequence")
+    prompt_len: int = Field(16, ge=1, description="prompt tokens per sequence")
+    repeats: int = Field(3, ge=1, description="timed runs per point (the median is printed)")
+    baseline: Literal["transformers", "none"] = Field(
+        "transformers", description="what to compare with"
+    )
+
+
+def _flag(name: str, field) -> str:
+    extra = field.json_schema_extra or {}
+    return extra.get("flag", "--" + name.replace("_", "-"))
+
+
+def _base_type(annotation):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def add_args(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One flag per field of `model`, with its description as help."""
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra or {}
+        kind = _base_type(field.annotation)
+        kw: dict = {"help": field.description}
+        if kind is bool:
+            kw["action"] = "store_true"
+        elif typing.get_origin(kind) is Literal:
+            kw["choices"] = list(typing.get_args(kind))
+        elif typing.get_origin(kind) is list:
+            kw["nargs"] = "+"
+            kw["type"] = typing.get_args(kind)[0]
+        elif kind in (int, float, str):
+            kw["type"] = kind
+        if extra.get("positional"):
+            parser.add_argument(name, **kw)
+            continue
+        if not field.is_required():
+            kw["default"] = field.default
+            if kind is not bool and field.default is not None:
+                kw["help"] += f" (default: {field.default})"
+        parser.add_argument(_flag(name, field), dest=name, **kw)
+
+
+def parse(parser: argparse.ArgumentParser, model: type[BaseModel], ns: argparse.Namespace):
+    """Validate parsed flags into `model`; bad values exit with a usage error."""
+    values = {k: v for k, v in vars(ns).items() if k in model.model_fields}
+    try:
+        return model(**values)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{_flag(str(err['loc'][0]), model.model_fields[str(err['loc'][0])])}: {err['msg']}"
+            for err in e.errors()
+        )
+        parser.error(problems)

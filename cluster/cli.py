@@ -1,0 +1,161 @@
+"""The `expertmesh` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .args import BenchEngineArgs, GenerateArgs, TinyArgs, add_args, default_home, parse
+
+log = logging.getLogger("expertmesh")
+
+BUILTIN_NAME = "ernie-tiny"
+
+
+def builtin_model_dir() -> Path:
+    """The built-in default model: a small random ERNIE 4.5 MoE, made on first use."""
+    path = default_home() / BUILTIN_NAME
+    if (path / "config.json").is_file():
+        return path
+    from expertmesh.ernie.tiny import make_tiny
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tiny-"))
+    make_tiny(tmp, seed=0)
+    try:
+        os.rename(tmp, path)  # atomic: a concurrent maker's copy wins, ours is dropped
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("made the built-in model at %s", path)
+    return path
+
+
+def resolve_model(model: str | None) -> Path:
+    return Path(model) if model else builtin_model_dir()
+
+
+def cmd_make_tiny(a: TinyArgs) -> int:
+    from expertmesh.ernie.tiny import make_tiny
+
+    kw = a.model_dump(exclude={"out_dir"})
+    path = make_tiny(a.out_dir, **kw)
+    print(path)
+    return 0
+
+
+def prompt_ids(a: GenerateArgs, tokenizer) -> list[int]:
+    if (a.prompt is None) == (a.prompt_ids is None):
+        raise SystemExit("expertmesh generate: give exactly one of --prompt and --prompt-ids")
+    if a.prompt_ids is not None:
+        try:
+            return [int(t) for t in a.prompt_ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise SystemExit(
+                f"expertmesh generate: --prompt-ids must be integers: {a.prompt_ids!r}"
+            ) from None
+    if tokenizer is None:
+        raise SystemExit("expertmesh generate: the checkpoint has no tokenizer; use --prompt-ids")
+    if a.chat:
+        from expertmesh.ernie.tokenizer import chat_prompt_ids
+
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": a.prompt}])
+    return tokenizer.encode(a.prompt)
+
+
+def cmd_generate(a: GenerateArgs) -> int:
+    from expertmesh.ernie.tokenizer import load_tokenizer
+    from expertmesh.router.engine import RequestError
+    from expertmesh.router.sampling import SamplingParams
+
+    from .engines import open_engine
+
+    path = resolve_model(a.model)
+    tokenizer = load_tokenizer(path)
+    ids = prompt_ids(a, tokenizer)
+    params = SamplingParams(
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        seed=a.seed,
+        logprobs=a.logprobs,
+        ignore_eos=a.ignore_eos,
+    )
+    with open_engine(path, a) as engine:
+        try:
+            out = engine.generate([ids], params)[0]
+        except RequestError as e:
+            raise SystemExit(f"expertmesh generate: {e}") from None
+    text = tokenizer.decode(out.token_ids, skip_special_tokens=True) if tokenizer else ""
+    if a.as_json:
+        record = {
+            "token_ids": out.token_ids,
+            "text": text,
+            "logprobs": out.logprobs,
+            "finish_reason": out.finish_reason,
+            "prompt_ids": ids,
+        }
+        if a.logprobs:
+            record["top_logprobs"] = [
+                [{"token_id": t, "logprob": lp} for t, lp in step] for step in out.top_logprobs
+            ]
+        print(json.dumps(record))
+    else:
+        print(text if tokenizer else " ".join(map(str, out.token_ids)))
+    return 0
+
+
+def cmd_bench_engine(a: BenchEngineArgs) -> int:
+    from .bench import bench_engine
+
+    bench_engine(a)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny", help="write a small random ERNIE 4.5 MoE checkpoint")
+    add_args(tiny, TinyArgs)
+    tiny.set_defaults(args_model=TinyArgs, run=cmd_make_tiny)
+
+    gen = sub.add_parser("generate", help="offline generation from a prompt")
+    add_args(gen, GenerateArgs)
+    gen.set_defaults(args_model=GenerateArgs, run=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks that print numbers")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    be = bench_sub.add_parser("engine", help="decode throughput against a baseline")
+    add_args(be, BenchEngineArgs)
+    be.set_defaults(args_model=BenchEngineArgs, run=cmd_bench_engine)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if ns.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = parse(parser, ns.args_model, ns)
+    try:
+        return ns.run(args)
+    except (ValueError, FileNotFoundError) as e:  # config and checkpoint errors
+        print(f"expertmesh {ns.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Shared fixtures: small random checkpoints in the Hub layout and transformers' reference."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from expertmesh.ernie.tiny import make_tiny
+
+torch.set_num_threads(2)
+
+# The configurations every parity test runs on; each checkpoint has nonzero correction biases.
+CONFIGS = {
+    "top2of8-shared1": dict(experts=8, top_k=2, shared=1),
+    "top4of16-shared2-start2-every2": dict(
+        experts=16, top_k=4, shared=2, moe_start=2, moe_interval=2, seed=1
+    ),
+    "top2of8-noshared": dict(experts=8, top_k=2, shared=0, seed=2),
+    "bias-untied-top3of6": dict(
+        experts=6, top_k=3, shared=1, use_bias=True, tie_word_embeddings=False, shards=1, seed=3
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """make_checkpoint(**make_tiny kwargs) -> path; each distinct checkpoint is made once."""
+
+    @functools.cache
+    def make(**kw):
+        return make_tiny(tmp_path_factory.mktemp("ckpt"), **kw)
+
+    return lambda **kw: make(**kw)
+
+
+@functools.cache
+def reference_model(path):
+    from transformers import Ernie4_5_MoeForCausalLM
+
+    return Ernie4_5_MoeForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def prompts_of(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # skip the special ids at the bottom of the vocabulary
+    return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lengths]
