@@ -48,7 +48,9 @@ class EngineArgs(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype; auto: float32 on CPU, the checkpoint's on GPU"
     )
-    device: str = Field("cpu", description="torch device of the gateway and in-process shards")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="torch device; auto: cuda when available, else cpu"
+    )
 
 
 class GenerateArgs(EngineArgs):

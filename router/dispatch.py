@@ -4,11 +4,18 @@ One class per transport. Each MoE layer sends every worker, at most once, the ro
 tokens routed to at least one of its experts, with their (expert id, weight) pairs; the worker
 returns one pre-summed row per token. `dispatch` may return before results arrive, so a
 caller can overlap work; `combine` waits and adds the workers' rows.
+
+Failures: a transport raises `WorkerFailure` from `_receive` when a worker died or hung. If a
+`recover` hook is set (the cluster sets one that waits for Ray to restart the worker and then
+reconnects the transport), `combine` calls it and re-sends the same rows: all request state
+lives on the gateway, so a lost exchange is simply repeated. A hook that gives up raises
+`WorkerUnavailable`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +38,23 @@ class WorkerRows:
 class Pending:
     """An exchange in flight: what was sent and a transport-specific handle to the answer."""
 
+    layer: int
     num_tokens: int
     parts: dict[int, WorkerRows]
     handle: Any
+
+
+class WorkerFailure(RuntimeError):
+    """Workers died, hung or dropped their connection during an exchange."""
+
+    def __init__(self, workers: set[int], cause: str):
+        super().__init__(f"expert workers {sorted(workers)} failed: {cause}")
+        self.workers = set(workers)
+        self.cause = cause
+
+
+class WorkerUnavailable(RuntimeError):
+    """Workers did not come back within the recovery time; the step cannot finish."""
 
 
 def split_by_worker(
@@ -69,20 +90,31 @@ def add_results(pending: Pending, results: dict[int, torch.Tensor], like: torch.
 class Dispatcher(ABC):
     """Moves one MoE layer's routed rows to the expert shards and back."""
 
+    max_recoveries = 3  # recover-and-resend rounds per exchange before giving up
+
     def __init__(self, placement: ExpertPlacement):
         self.placement = placement
         self._owner = placement.owner_tensor()
+        self.recover: Callable[[WorkerFailure], None] | None = None
 
     def dispatch(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> Pending:
         """Send the rows; may return before the answers arrive."""
         parts = split_by_worker(x, expert_ids, weights, self._owner.to(expert_ids.device))
-        return Pending(x.shape[0], parts, self._send(layer, parts))
+        return Pending(layer, x.shape[0], parts, self._send(layer, parts))
 
     def combine(self, pending: Pending, like: torch.Tensor) -> torch.Tensor:
-        """Wait for the answers and sum them: [T, H]."""
-        return add_results(pending, self._receive(pending), like)
+        """Wait for the answers and sum them: [T, H]. Recovers and re-sends on failure."""
+        for attempt in range(self.max_recoveries + 1):
+            try:
+                return add_results(pending, self._receive(pending), like)
+            except WorkerFailure as failure:
+                if self.recover is None or attempt == self.max_recoveries:
+                    raise WorkerUnavailable(str(failure)) from failure
+                self.recover(failure)  # blocks until the workers are back, or raises
+                pending.handle = self._send(pending.layer, pending.parts)
+        raise AssertionError("unreachable")
 
     def __call__(self, layer, x, expert_ids, weights) -> torch.Tensor:
         return self.combine(self.dispatch(layer, x, expert_ids, weights), x)

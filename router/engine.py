@@ -58,6 +58,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     routed_experts: list[list[int]] | None = None  # [moe_layers][k] for this token
     finish_reason: str | None = None  # stop, length, abort, error
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass
@@ -167,6 +168,14 @@ class LLMEngine:
             return False
         self.scheduler.finish(req.seq)
         return True
+
+    def fail_running(self, message: str) -> list[TokenEvent]:
+        """End every running request with an error (its step could not be completed)."""
+        events = []
+        for seq in list(self.scheduler.running):
+            self.abort(seq.seq_id)
+            events.append(TokenEvent(seq.seq_id, None, finish_reason="error", error=message))
+        return events
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

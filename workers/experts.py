@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from expertmesh.ernie.checkpoint import CheckpointReader, expert_keys
 from expertmesh.ernie.config import ModelConfig
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +76,24 @@ class ExpertShard:
         experts: Sequence[int],
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
+        progress: str | None = None,
     ) -> ExpertShard:
-        """Read only the tensors of `experts`, in every MoE layer."""
+        """Read only the tensors of `experts`, in every MoE layer; `progress` names a tqdm bar."""
         weights = {}
-        for layer in cfg.moe_layers:
-            w13, w2 = [], []
-            for e in experts:
+        layers = tqdm(
+            cfg.moe_layers, desc=progress, unit="layer", disable=progress is None, mininterval=1.0
+        )
+        n, h, inter = len(experts), cfg.hidden_size, cfg.moe_intermediate_size
+        for layer in layers:
+            w13 = torch.empty(n, 2 * inter, h, dtype=dtype, device=device)  # [E_local, 2I, H]
+            w2 = torch.empty(n, h, inter, dtype=dtype, device=device)  # [E_local, H, I]
+            for j, e in enumerate(experts):
                 gate, up, down = (
                     reader.read(key, shape, dtype)
                     for key, shape in expert_keys(cfg, layer, e).items()
                 )
-                w13.append(torch.cat([gate, up], dim=0))  # [2I, H]
-                w2.append(down)  # [H, I]
-            weights[layer] = (torch.stack(w13).to(device), torch.stack(w2).to(device))
+                w13[j, :inter], w13[j, inter:], w2[j] = gate, up, down
+            weights[layer] = (w13, w2)
         log.info("expert shard loaded %d experts x %d layers", len(experts), len(cfg.moe_layers))
         return cls(cfg, experts, weights)
 

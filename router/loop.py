@@ -1,0 +1,113 @@
+"""The engine loop in its own thread: requests come in through a queue, tokens go out by callback.
+
+The engine itself is single-threaded; only this thread touches it. torch releases the GIL
+while it computes, so the caller's event loop keeps answering.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+
+from .dispatch import WorkerUnavailable
+from .engine import LLMEngine, RequestError, TokenEvent
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+OnEvent = Callable[[TokenEvent], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._listeners: dict[str, OnEvent] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread -------------------------------------------------------------
+
+    def submit(
+        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, on_event: OnEvent
+    ) -> None:
+        """Queue a request; its tokens (or an error event) arrive through `on_event`."""
+        self._inbox.put(("add", request_id, list(prompt_ids), params, on_event))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stopped.set()
+        self._inbox.put(("stop",))
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) requests; a racy read, fine for metrics."""
+        return self.engine.num_running, self.engine.num_waiting + self._inbox.qsize()
+
+    # -- the loop thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            block = not self.engine.has_work()
+            try:
+                self._handle(self._inbox.get(block=block))
+                while True:  # take everything that queued up
+                    self._handle(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            if self.engine.has_work() and not self._stopped.is_set():
+                self._deliver(self._step())
+        for rid in list(self._listeners):
+            self._deliver([TokenEvent(rid, None, finish_reason="abort", error="engine stopped")])
+
+    def _step(self) -> list[TokenEvent]:
+        try:
+            return self.engine.step()
+        except WorkerUnavailable as e:
+            log.error("step failed, ending its requests: %s", e)
+            return self.engine.fail_running(f"expert workers unavailable: {e}")
+        except Exception as e:  # never let one bad step kill the loop
+            log.exception("engine step failed")
+            return self.engine.fail_running(f"internal error: {e}")
+
+    def _handle(self, cmd: tuple) -> None:
+        if cmd[0] == "add":
+            _, rid, prompt, params, on_event = cmd
+            if rid in self._listeners:
+                on_event(
+                    TokenEvent(
+                        rid, None, finish_reason="error", error=f"duplicate request id {rid!r}"
+                    )
+                )
+                return
+            try:
+                self.engine.add_request(rid, prompt, params)
+            except RequestError as e:
+                on_event(TokenEvent(rid, None, finish_reason="error", error=str(e)))
+                return
+            self._listeners[rid] = on_event
+        elif cmd[0] == "abort":
+            rid = cmd[1]
+            if self.engine.abort(rid) and rid in self._listeners:
+                self._deliver([TokenEvent(rid, None, finish_reason="abort")])
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            listener = self._listeners.get(ev.request_id)
+            if listener is None:
+                continue
+            if ev.finish_reason is not None:
+                del self._listeners[ev.request_id]
+            try:
+                listener(ev)
+            except Exception:
+                log.exception("listener of %s failed", ev.request_id)

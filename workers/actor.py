@@ -1,0 +1,93 @@
+"""The expert worker: a Ray actor holding one shard of experts and the transport it serves.
+
+It is stateless besides its weights: when its process dies, Ray restarts it (`max_restarts`),
+the new process reloads its shard and reports its new address through `ready()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+import torch
+from expertmesh.ernie.checkpoint import CheckpointReader
+from expertmesh.ernie.config import ModelConfig
+from expertmesh.router.engine import EngineConfig
+
+from .experts import ExpertShard
+
+log = logging.getLogger(__name__)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class ExpertWorker:
+    def __init__(
+        self,
+        model: str,
+        index: int,
+        experts: list[int],
+        dtype: str,
+        transport: str,
+        torch_threads: int = 1,
+    ):
+        torch.set_num_threads(torch_threads)
+        self.index = index
+        self.rss_before_load = rss_bytes()
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        cfg = ModelConfig.from_dir(model)
+        torch_dtype = EngineConfig(dtype=dtype, device=self.device).torch_dtype(cfg)
+        with CheckpointReader(model) as reader:
+            self.shard = ExpertShard.load(
+                reader, cfg, experts, torch_dtype, self.device, progress=f"worker {index}"
+            )
+            self.bytes_read = reader.bytes_read
+        self.host = ray.util.get_node_ip_address()
+        self.address = None
+        if transport == "grpc":
+            from .grpc_server import start_expert_server
+
+            self.server, port = start_expert_server(self.shard, index, host=self.host)
+            self.address = f"{self.host}:{port}"
+        self.collective = None
+        if transport == "collective":
+            from .collective import CollectiveWorker
+
+            self.collective = CollectiveWorker(self.shard)
+        log.info(
+            "worker %d ready: %d experts, %d bytes, %s",
+            index,
+            len(experts),
+            self.shard.nbytes,
+            self.address,
+        )
+
+    def ready(self) -> dict:
+        """Who and where this incarnation is; answers once the shard is loaded."""
+        return {
+            "index": self.index,
+            "pid": os.getpid(),
+            "address": self.address,
+            "host": self.host,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "experts": self.shard.experts,
+            "nbytes": self.shard.nbytes,
+            "bytes_read": self.bytes_read,
+            "rss_before_load": self.rss_before_load,
+            "rss": rss_bytes(),
+        }
+
+    def run_collective(
+        self, master_addr: str, master_port: int, rank: int, world: int, backend: str
+    ) -> str:
+        """Join the gateway's process group and serve exchanges until shutdown or breakage.
+
+        A long-running call: its result fails as soon as this process dies, which is how the
+        gateway learns of a death without waiting for a socket timeout.
+        """
+        self.collective.join(master_addr, master_port, rank, world, backend=backend)
+        return self.collective.serve()
