@@ -78,12 +78,18 @@ class GenerateArgs(EngineArgs):
 
 
 class BenchEngineArgs(EngineArgs):
+    transport: list[Literal["local", "grpc", "collective"]] = Field(
+        ["local"], description="transports to measure in one run (local = the in-process engine)"
+    )
     batch: list[int] = Field([1, 16], description="batch sizes to measure")
     tokens: int = Field(32, ge=2, description="tokens to generate per sequence")
     prompt_len: int = Field(16, ge=1, description="prompt tokens per sequence")
     repeats: int = Field(3, ge=1, description="timed runs per point (the median is printed)")
     baseline: Literal["transformers", "none"] = Field(
-        "transformers", description="what to compare with"
+        "transformers", description="also time transformers' generate (with a single transport)"
+    )
+    exchange_rows: list[int] = Field(
+        [1, 8, 32], description="token rows of the measured MoE-layer exchange"
     )
 
 
@@ -111,7 +117,11 @@ def add_args(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
             kw["choices"] = list(typing.get_args(kind))
         elif typing.get_origin(kind) is list:
             kw["nargs"] = "+"
-            kw["type"] = typing.get_args(kind)[0]
+            inner = typing.get_args(kind)[0]
+            if typing.get_origin(inner) is Literal:
+                kw["choices"] = list(typing.get_args(inner))
+            else:
+                kw["type"] = inner
         elif kind in (int, float, str):
             kw["type"] = kind
         if extra.get("positional"):

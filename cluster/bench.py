@@ -58,29 +58,57 @@ def hf_decode_time(model, prompts, tokens: int, repeats: int) -> float:
     return _median_time(run(tokens), repeats) - _median_time(run(1), repeats)
 
 
-def bench_engine(a: BenchEngineArgs) -> list[dict]:
+def time_exchange(dispatcher, model_cfg, rows: int, repeats: int, dtype) -> float:
+    """Median seconds of one MoE-layer exchange of `rows` tokens with random routing."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, model_cfg.hidden_size, generator=g).to(dtype)  # [rows, H]
+    probs = torch.randn(rows, model_cfg.num_experts, generator=g).softmax(-1)
+    weights, ids = probs.topk(model_cfg.top_k, dim=-1)  # [rows, k]
+    layer = model_cfg.moe_layers[0]
+    dispatcher(layer, x, ids, weights)  # warm-up
+    return _median_time(lambda: dispatcher(layer, x, ids, weights), max(repeats, 20))
+
+
+def _exchange_times(engine, rows: list[int], repeats: int) -> dict[int, float]:
+    if hasattr(engine, "handle"):  # a gateway actor: measure where the dispatcher lives
+        import ray
+
+        return ray.get(engine.handle.actor.bench_exchange.remote(rows, repeats))
+    dtype = next(engine.model.parameters()).dtype
+    return {r: time_exchange(engine.dispatcher, engine.model_cfg, r, repeats, dtype) for r in rows}
+
+
+def _measure(engine, a: BenchEngineArgs, vocab: int) -> dict:
+    out = {"decode": {}, "exchange": _exchange_times(engine, a.exchange_rows, a.repeats)}
+    for b in a.batch:
+        prompts = _prompts(b, a.prompt_len, vocab)
+        out["decode"][b] = engine_decode_time(engine, prompts, a.tokens, a.repeats) / (a.tokens - 1)
+    return out
+
+
+def bench_engine(a: BenchEngineArgs) -> dict:
+    from expertmesh.ernie.config import ModelConfig
+
+    from .args import EngineArgs
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(a.model) if a.model else _medium(tmp)
-        rows = []
-        hf = _hf_model(path) if a.baseline == "transformers" else None
-        with open_engine(path, a) as engine:
-            vocab = engine.model_cfg.vocab_size
+        vocab = ModelConfig.from_dir(path).vocab_size
+        results = {}
+        for t in a.transport:
+            one = EngineArgs(
+                **{**a.model_dump(include=set(EngineArgs.model_fields)), "transport": t}
+            )
+            with open_engine(path, one) as engine:
+                results[t] = _measure(engine, a, vocab)
+        hf = {}
+        if a.baseline == "transformers" and len(a.transport) == 1:
+            model = _hf_model(path)
             for b in a.batch:
-                prompts = _prompts(b, a.prompt_len, vocab)
-                steps = b * (a.tokens - 1)
-                t_eng = engine_decode_time(engine, prompts, a.tokens, a.repeats)
-                row = {
-                    "batch": b,
-                    "engine_tok_s": steps / t_eng,
-                    "step_ms": 1e3 * t_eng / (a.tokens - 1),
-                }
-                if hf is not None:
-                    t_hf = hf_decode_time(hf, prompts, a.tokens, a.repeats)
-                    row["hf_tok_s"] = steps / t_hf
-                    row["ratio"] = t_hf / t_eng
-                rows.append(row)
-        _print(a, path, rows)
-        return rows
+                t_hf = hf_decode_time(model, _prompts(b, a.prompt_len, vocab), a.tokens, a.repeats)
+                hf[b] = t_hf / (a.tokens - 1)
+        _print(a, results, hf)
+        return {"transports": results, "transformers": hf}
 
 
 def _medium(tmp: str) -> Path:
@@ -95,18 +123,29 @@ def _hf_model(path: Path):
     return Ernie4_5_MoeForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-def _print(a: BenchEngineArgs, path: Path, rows: list[dict]) -> None:
+def _print(a: BenchEngineArgs, results: dict, hf: dict) -> None:
+    model = a.model or "medium " + ", ".join(f"{k}={v}" for k, v in MEDIUM.items())
     print(
-        f"# bench engine: model={a.model or 'medium ' + str(MEDIUM)} transport={a.transport} "
-        f"workers={a.workers} tokens={a.tokens} prompt={a.prompt_len} threads={torch.get_num_threads()}"
+        f"# bench engine: {model}; workers={a.workers} tokens={a.tokens} "
+        f"prompt={a.prompt_len} threads={torch.get_num_threads()}"
     )
-    head = "| batch | engine tok/s | engine step ms |"
-    if a.baseline == "transformers":
-        head += " transformers tok/s | engine / transformers |"
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
-    for r in rows:
-        line = f"| {r['batch']} | {r['engine_tok_s']:.1f} | {r['step_ms']:.1f} |"
-        if "ratio" in r:
-            line += f" {r['hf_tok_s']:.1f} | {r['ratio']:.2f}x |"
-        print(line)
+    base = results.get("local")
+    print(
+        "| transport | batch | step ms | tok/s | step vs in-process |"
+        + (" transformers tok/s | engine / transformers |" if hf else "")
+    )
+    print("|---|---|---|---|---|" + ("---|---|" if hf else ""))
+    for t, r in results.items():
+        for b, step in r["decode"].items():
+            ratio = f"{step / base['decode'][b]:.2f}x" if base else "-"
+            line = f"| {t} | {b} | {1e3 * step:.1f} | {b / step:.1f} | {ratio} |"
+            if hf:
+                line += f" {b / hf[b]:.1f} | {hf[b] / step:.2f}x |"
+            print(line)
+    print()
+    print("| transport | exchange rows | one MoE-layer exchange, us | vs in-process |")
+    print("|---|---|---|---|")
+    for t, r in results.items():
+        for rows, sec in r["exchange"].items():
+            ratio = f"{sec / base['exchange'][rows]:.2f}x" if base else "-"
+            print(f"| {t} | {rows} | {1e6 * sec:.0f} | {ratio} |")

@@ -142,6 +142,16 @@ class Gateway:
         c = self.model_cfg
         return {"vocab_size": c.vocab_size, "max_model_len": self.loop.engine.max_model_len}
 
+    def bench_exchange(self, rows: list[int], repeats: int) -> dict[int, float]:
+        """Seconds of one MoE-layer exchange per row count (call while the engine is idle)."""
+        from .bench import time_exchange
+
+        engine = self.loop.engine
+        dtype = next(engine.model.parameters()).dtype
+        return {
+            r: time_exchange(engine.dispatcher, self.model_cfg, r, repeats, dtype) for r in rows
+        }
+
     def shutdown(self) -> None:
         self.loop.stop()
         if self.workers is not None:
