@@ -111,6 +111,10 @@ def add_args(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
         extra = field.json_schema_extra or {}
         kind = _base_type(field.annotation)
         kw: dict = {"help": field.description}
+        if extra.get("action") == "append":
+            kw.update(action="append", default=[])
+            parser.add_argument(_flag(name, field), dest=name, **kw)
+            continue
         if kind is bool:
             kw["action"] = "store_true"
         elif typing.get_origin(kind) is Literal:
@@ -145,3 +149,68 @@ def parse(parser: argparse.ArgumentParser, model: type[BaseModel], ns: argparse.
             for err in e.errors()
         )
         parser.error(problems)
+
+
+class ServeArgs(BaseModel):
+    model: str | None = Field(
+        None, description="checkpoint directory; default: the built-in tiny model"
+    )
+    served_model_name: str | None = Field(
+        None, description="model id in the API; default: --model as given"
+    )
+    workers: int = Field(2, ge=1, description="expert workers per gateway")
+    transport: Literal["grpc", "collective", "local"] = Field(
+        "grpc", description="gateway-to-worker transport"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device")
+    expert_map: list[int] | None = Field(None, description="owner worker of each expert")
+    api_keys: list[str] = Field(
+        [],
+        description="an accepted API key, repeatable (also EXPERTMESH_API_KEYS, comma-separated); none: no auth",
+        json_schema_extra={"flag": "--api-key", "action": "append"},
+    )
+    address: str | None = Field(
+        None, description="Ray cluster to join; default: a local Ray on 127.0.0.1"
+    )
+    min_replicas: int = Field(1, ge=1, description="ingress replicas at least")
+    max_replicas: int = Field(2, ge=1, description="ingress replicas at most")
+    target_ongoing_requests: int = Field(
+        64, ge=1, description="autoscaling target per ingress replica"
+    )
+    max_ongoing_requests: int = Field(
+        512, ge=1, description="requests one ingress replica takes at once"
+    )
+    max_waiting: int = Field(
+        1024, ge=0, description="queued requests in the gateway beyond which new ones get 429"
+    )
+    max_num_seqs: int = Field(64, ge=1, description="sequences in one batch at most")
+    kv_cache_tokens: int = Field(65536, ge=16, description="KV-cache budget in tokens")
+    max_model_len: int | None = Field(None, description="prompt + output limit per request")
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens of chat requests that give none"
+    )
+    host: str = Field("127.0.0.1", description="HTTP host")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+
+    def keys(self) -> set[str]:
+        env = os.environ.get("EXPERTMESH_API_KEYS", "")
+        return set(self.api_keys) | {k.strip() for k in env.split(",") if k.strip()}
+
+    def cluster_config(self, model: str):
+        from .config import ClusterConfig
+
+        return ClusterConfig(
+            model=model,
+            workers=self.workers,
+            transport=self.transport,
+            dtype=self.dtype,
+            device=self.device,
+            expert_map=self.expert_map,
+            max_waiting=self.max_waiting,
+            max_num_seqs=self.max_num_seqs,
+            kv_cache_tokens=self.kv_cache_tokens,
+            max_model_len=self.max_model_len,
+        )

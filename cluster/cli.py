@@ -10,7 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .args import BenchEngineArgs, GenerateArgs, TinyArgs, add_args, default_home, parse
+from .args import BenchEngineArgs, GenerateArgs, ServeArgs, TinyArgs, add_args, default_home, parse
+from .chat import ChatArgs, run_chat
 
 log = logging.getLogger("expertmesh")
 
@@ -119,6 +120,12 @@ def cmd_bench_engine(a: BenchEngineArgs) -> int:
     return 0
 
 
+def cmd_serve(a: ServeArgs) -> int:
+    from .server import run_server
+
+    return run_server(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -131,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="offline generation from a prompt")
     add_args(gen, GenerateArgs)
     gen.set_defaults(args_model=GenerateArgs, run=cmd_generate)
+
+    srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server on Ray Serve")
+    add_args(srv, ServeArgs)
+    srv.set_defaults(args_model=ServeArgs, run=cmd_serve)
+
+    chat = sub.add_parser("chat", help="chat in the terminal with a running expertmesh server")
+    add_args(chat, ChatArgs)
+    chat.set_defaults(args_model=ChatArgs, run=lambda a: run_chat(**a.model_dump()))
 
     bench = sub.add_parser("bench", help="benchmarks that print numbers")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

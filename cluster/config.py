@@ -37,6 +37,9 @@ class ClusterConfig(BaseModel):
     kv_cache_tokens: int = Field(65536, ge=16, description="KV-cache budget in tokens")
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
     max_model_len: int | None = Field(None, description="prompt + output limit per request")
+    max_waiting: int = Field(
+        1024, ge=0, description="queued requests beyond which new ones get 429"
+    )
     rpc_timeout_s: float = Field(
         30, gt=0, description="an exchange slower than this counts as a hung worker"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -70,6 +71,7 @@ class Gateway:
             dispatcher = self.workers.make_dispatcher(host)
             engine = LLMEngine(model, dispatcher, self.model_cfg, engine_cfg)
         self.loop = EngineLoop(engine)
+        self._probe: tuple[float, bool] = (0.0, True)  # (when, workers answered)
         log.info("gateway ready: %s transport, %d workers", cfg.transport, placement.num_shards)
 
     # -- requests ---------------------------------------------------------------------------
@@ -84,6 +86,10 @@ class Gateway:
         if isinstance(params, dict):
             params = SamplingParams(**params)
         rid = request_id or uuid.uuid4().hex
+        refusal = await self._refusal(rid)
+        if refusal is not None:
+            yield [dataclasses.asdict(refusal)]
+            return
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.loop.submit(
@@ -112,6 +118,37 @@ class Gateway:
 
         return await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params, strict=True)))
 
+    async def _refusal(self, rid: str) -> TokenEvent | None:
+        """An error event when the request cannot be taken now (queue full, workers down)."""
+        if self.loop.counts()[1] >= self.cfg.max_waiting:
+            return TokenEvent(
+                rid,
+                None,
+                finish_reason="error",
+                status=429,
+                error=f"the waiting queue is full ({self.cfg.max_waiting} requests)",
+            )
+        if not await self._workers_up():
+            return TokenEvent(
+                rid,
+                None,
+                finish_reason="error",
+                status=503,
+                error="expert workers are down; retry shortly",
+            )
+        return None
+
+    async def _workers_up(self, ttl_s: float = 1.0) -> bool:
+        """Whether every worker answered a probe in the last `ttl_s` (a dead one cannot)."""
+        if self.workers is None:
+            return True
+        when, ok = self._probe
+        now = time.monotonic()
+        if now - when > ttl_s:
+            ok = (await self.health(timeout_s=0.5))["workers"]
+            self._probe = (now, ok)
+        return ok
+
     def abort(self, request_id: str) -> None:
         self.loop.abort(request_id)
 
@@ -132,6 +169,16 @@ class Gateway:
     def stats(self) -> dict:
         running, waiting = self.loop.counts()
         return {"running": running, "waiting": waiting}
+
+    def expert_counts(self) -> dict:
+        """Tokens routed to each expert: {"layers": [layer ids], "counts": [[per expert]]}."""
+        engine = self.loop.engine
+        return {"layers": list(self.model_cfg.moe_layers), "counts": engine.expert_counts.tolist()}
+
+    def check_health(self) -> None:
+        """Ray Serve's probe: only the engine thread matters (workers recover on their own)."""
+        if not self.loop.alive:
+            raise RuntimeError("the engine loop has stopped")
 
     async def worker_infos(self) -> list[dict]:
         if self.workers is None:

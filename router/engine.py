@@ -59,6 +59,7 @@ class TokenEvent:
     routed_experts: list[list[int]] | None = None  # [moe_layers][k] for this token
     finish_reason: str | None = None  # stop, length, abort, error
     error: str | None = None  # why, when finish_reason is "error"
+    status: int | None = None  # with an error: the HTTP status it maps to (400, 429, 503...)
 
 
 @dataclass
@@ -110,6 +111,10 @@ class LLMEngine:
             SchedulerConfig(num_blocks, cfg.block_size, cfg.max_num_seqs, cfg.max_tokens_per_step)
         )
         self.requests: dict[str, _Request] = {}
+        # tokens routed to each expert in each MoE layer, since start: [moe_layers, E]
+        self.expert_counts = torch.zeros(
+            len(model_cfg.moe_layers), model_cfg.num_experts, dtype=torch.long
+        )
 
     @classmethod
     def from_checkpoint(
@@ -174,7 +179,9 @@ class LLMEngine:
         events = []
         for seq in list(self.scheduler.running):
             self.abort(seq.seq_id)
-            events.append(TokenEvent(seq.seq_id, None, finish_reason="error", error=message))
+            events.append(
+                TokenEvent(seq.seq_id, None, finish_reason="error", error=message, status=503)
+            )
         return events
 
     def has_work(self) -> bool:
@@ -197,6 +204,7 @@ class LLMEngine:
             return []
         input_ids, meta = build_step(plan, self.cfg.block_size, self.device)
         logits = self.model(input_ids, meta, self.kv, self.dispatcher)  # [B, V]
+        self._count_routing()
         self.scheduler.advance(plan)
         return self._update(plan, logits.cpu(), meta.last_index)
 
@@ -221,6 +229,12 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 del self.requests[seq.seq_id]
         return events
+
+    def _count_routing(self) -> None:
+        for i, ids in enumerate(self.model.routing()):  # ids: [T, k]
+            self.expert_counts[i] += torch.bincount(
+                ids.flatten().cpu(), minlength=self.model_cfg.num_experts
+            )
 
     def _routing(self, reqs: list[_Request], token_rows: list[int]) -> list:
         if not any(r.params.return_routed_experts for r in reqs):

@@ -77,7 +77,10 @@ class EngineLoop:
             return self.engine.fail_running(f"expert workers unavailable: {e}")
         except Exception as e:  # never let one bad step kill the loop
             log.exception("engine step failed")
-            return self.engine.fail_running(f"internal error: {e}")
+            events = self.engine.fail_running(f"internal error: {e}")
+            for ev in events:
+                ev.status = 500
+            return events
 
     def _handle(self, cmd: tuple) -> None:
         if cmd[0] == "add":
@@ -92,7 +95,7 @@ class EngineLoop:
             try:
                 self.engine.add_request(rid, prompt, params)
             except RequestError as e:
-                on_event(TokenEvent(rid, None, finish_reason="error", error=str(e)))
+                on_event(_error(rid, str(e), 400))
                 return
             self._listeners[rid] = on_event
         elif cmd[0] == "abort":
@@ -111,3 +114,7 @@ class EngineLoop:
                 listener(ev)
             except Exception:
                 log.exception("listener of %s failed", ev.request_id)
+
+
+def _error(rid: str, message: str, status: int) -> TokenEvent:
+    return TokenEvent(rid, None, finish_reason="error", error=message, status=status)

@@ -1,0 +1,630 @@
+"""OpenAI's HTTP formats for /v1/chat/completions and /v1/completions, as pure functions.
+
+Requests are pydantic models (strict types, unknown fields ignored); responses and stream
+chunks are plain dicts in the shapes the official `openai` client parses. No Ray, no FastAPI:
+the Serve app calls these and moves the bytes.
+
+Decisions: presence/frequency penalties and logit_bias are accepted only when 0 / empty (the
+sampler has none), `echo` is refused, image parts are refused (text models), the `developer`
+role renders as `system` (ERNIE's template knows no other), stop strings must be non-empty.
+Extensions: `return_routed_experts` on requests; `routed_experts` per choice ([tokens][moe
+layers][k], for the tokens whose text is returned) and `active_params_per_token` / `flops` in
+`usage`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+
+from expertmesh.ernie.config import ModelConfig
+from expertmesh.ernie.tokenizer import chat_prompt_ids as render_chat
+from expertmesh.router.sampling import SamplingParams
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .textstream import Delta, TextStream, TokenInfo, token_bytes, token_text
+
+DEFAULT_MAX_TOKENS = 4096  # chat output limit when a request names none (the engine clamps it)
+MAX_STOP_STRINGS = 4
+MIN_LOGPROB = -9999.0  # what OpenAI reports for impossible tokens (JSON has no -inf)
+
+# -- errors -----------------------------------------------------------------------------------
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: HTTP `status` and `{"error": {...}}`."""
+
+    def __init__(self, status: int, message: str, type: str | None = None, param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        default = "internal_error" if status >= 500 else "invalid_request_error"
+        self.type = type or ERROR_TYPES.get(status, default)
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
+    )
+
+
+def error_for_event(ev: Any) -> APIError:
+    """The APIError for an engine event that ended in error (a TokenEvent or its dict)."""
+    get = ev.get if isinstance(ev, dict) else lambda k, d=None: getattr(ev, k, d)
+    message = get("error") or f"the request ended: {get('finish_reason')}"
+    status = get("status") or _status_of(message)
+    code = "service_unavailable" if status == 503 else None
+    return APIError(status, message, code=code)
+
+
+def _status_of(message: str) -> int:
+    """A status for engine errors that carry none, from their wording."""
+    text = message.lower()
+    if "unavailable" in text or "workers are down" in text or "engine stopped" in text:
+        return 503
+    if "queue is full" in text:
+        return 429
+    if any(w in text for w in ("prompt", "token ids", "duplicate request id", "kv cache")):
+        return 400
+    return 500
+
+
+class FieldError(ValueError):
+    """Raised in a model validator for a rule about one field; the 400 names `param`."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param, self.message = param, message
+
+
+def validation_error_to_api_error(exc: ValidationError) -> APIError:
+    """A 400 naming the first offending field (param = its dotted location)."""
+    err = exc.errors()[0]
+    cause = (err.get("ctx") or {}).get("error")
+    loc = [str(x) for x in err["loc"]]
+    if isinstance(cause, FieldError):
+        loc, msg = [*loc, cause.param], cause.message
+    else:
+        msg = str(cause) if isinstance(cause, ValueError) else err["msg"]
+    param = ".".join(loc) or None
+    return bad_request(f"{param}: {msg}" if param else msg, param)
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = Field(False, description="send a last chunk with the usage")
+
+
+class _Sampling(_Strict):
+    """Fields both endpoints share."""
+
+    model: str = Field("", description="the served model's name")
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = Field(
+        1.0, description="sampling temperature; 0 is greedy"
+    )
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        1.0, description="nucleus sampling: keep the most likely tokens holding this much"
+    )
+    n: Annotated[int, Field(ge=1, le=16)] | None = Field(1, description="choices to generate")
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = Field(
+        None, description="the same seed gives the same tokens; choice i uses seed + i"
+    )
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the text")
+    stream: bool | None = Field(False, description="answer with server-sent events")
+    stream_options: StreamOptions | None = Field(None, description="options of the stream")
+    presence_penalty: float | None = Field(0.0, description="not supported: only 0")
+    frequency_penalty: float | None = Field(0.0, description="not supported: only 0")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: only empty")
+    user: str | None = Field(None, description="the end user, for logs")
+    return_routed_experts: bool | None = Field(
+        False, description="extension: report each token's experts in every MoE layer"
+    )
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v):
+        if v is None or isinstance(v, str) and v:
+            return v
+        if isinstance(v, list) and len(v) <= MAX_STOP_STRINGS:
+            if all(isinstance(s, str) and s for s in v):
+                return v
+        raise ValueError(f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS}")
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v):
+        if v:
+            raise ValueError("penalties are not supported; use 0")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "only allowed when stream is true")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ContentPart(_Strict):
+    type: str = Field("text", description="only 'text' parts are served")
+    text: str | None = Field(None, description="the text of a text part")
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type == "image_url":
+            raise ValueError("this model takes text only; image parts are not supported")
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported")
+        if self.text is None:
+            raise FieldError("text", "a text part needs 'text'")
+        return self
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        "user", description="who speaks"
+    )
+    content: list[ContentPart] = Field(
+        default_factory=list, description="a string or a list of text parts"
+    )
+    name: str | None = Field(None, description="the speaker's name (not rendered)")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, v):
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [{"type": "text", "text": v}]
+        if isinstance(v, list):
+            return v
+        raise ValueError("must be a string or a list of content parts")
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text or "" for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(default_factory=list, description="the conversation")
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="output limit (deprecated name)"
+    )
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="output limit; wins over max_tokens"
+    )
+    logprobs: bool | None = Field(False, description="return the chosen tokens' logprobs")
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
+        None, description="also the most likely tokens at each step; needs logprobs"
+    )
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if not self.messages:
+            raise FieldError("messages", "must hold at least one message")
+        if self.top_logprobs and not self.logprobs:
+            raise FieldError("top_logprobs", "needs logprobs to be true")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        "", validate_default=True, description="text, texts, token ids, or lists of token ids"
+    )
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(16, description="output limit")
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = Field(
+        None, description="return the chosen tokens' logprobs and this many alternatives"
+    )
+    echo: bool | None = Field(False, description="not supported")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v):
+        _check_prompt_shape(v)
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v):
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """max_tokens when the client set it (the default of 16 is not checked against context)."""
+        return self.max_tokens if "max_tokens" in self.model_fields_set else None
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_prompt_shape(v) -> None:
+    if isinstance(v, str):
+        if not v:
+            raise ValueError("the prompt is empty")
+        return
+    if not isinstance(v, list) or not v:
+        raise ValueError(
+            "must be a non-empty string, list of strings, list of token ids, or list of lists"
+        )
+    if all(isinstance(x, str) for x in v):
+        if not all(v):
+            raise ValueError("a prompt in the list is empty")
+    elif all(isinstance(x, list) for x in v):
+        if not all(x and all(_is_id(t) for t in x) for x in v):
+            raise ValueError("token-id prompts must be non-empty lists of integers")
+    elif not all(_is_id(x) for x in v):
+        raise ValueError("a list prompt must hold only strings, only integers, or only lists")
+
+
+def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    """The request from a decoded JSON body; APIError 400 when invalid."""
+    return _parse(ChatCompletionRequest, body)
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    return _parse(CompletionRequest, body)
+
+
+def _parse(cls, body):
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        raise validation_error_to_api_error(e) from None
+
+
+# -- prompts and sampling ---------------------------------------------------------------------
+
+_TEMPLATE_ROLES = {"developer": "system"}
+
+
+def chat_prompt_ids(req: ChatCompletionRequest, tokenizer) -> list[int]:
+    """The conversation rendered with the checkpoint's chat template, as token ids."""
+    if not req.messages:
+        raise bad_request("messages must hold at least one message", "messages")
+    msgs = [{"role": _TEMPLATE_ROLES.get(m.role, m.role), "content": m.text} for m in req.messages]
+    try:
+        return render_chat(tokenizer, msgs)
+    except Exception as e:  # the template's own checks (raise_exception) and Jinja errors
+        msg = f"the chat template cannot render these messages: {e}"
+        raise bad_request(msg, "messages") from e
+
+
+def completion_prompts(req: CompletionRequest, tokenizer) -> list[list[int]]:
+    """One list of token ids per prompt, whichever of the four forms the request used."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [tokenizer.encode(p)]
+    if all(isinstance(x, str) for x in p):
+        return [tokenizer.encode(x) for x in p]
+    if all(_is_id(x) for x in p):
+        return [list(p)]
+    return [list(x) for x in p]
+
+
+def check_prompt(
+    ids: list[int],
+    vocab_size: int,
+    max_model_len: int,
+    max_tokens: int | None = None,
+    param: str = "prompt",
+) -> None:
+    """APIError 400 for ids outside the vocabulary or a prompt (+ max_tokens) past the context."""
+    what = "messages" if param == "messages" else "prompt"
+    if not ids:
+        raise bad_request(f"the {what} is empty", param)
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(
+            f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", param
+        )
+    head = f"This model's maximum context length is {max_model_len} tokens. However, "
+    if len(ids) >= max_model_len:
+        raise bad_request(
+            head + f"your {what} has {len(ids)} tokens, leaving no room for the completion. "
+            f"Please reduce the length of the {what}.",
+            param,
+            "context_length_exceeded",
+        )
+    if max_tokens is not None and len(ids) + max_tokens > max_model_len:
+        raise bad_request(
+            head + f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the {what}, "
+            f"{max_tokens} in the completion). Please reduce the length of the {what} "
+            "or completion.",
+            param,
+            "context_length_exceeded",
+        )
+
+
+def sampling_params(
+    req: ChatCompletionRequest | CompletionRequest,
+    choice_index: int = 0,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> SamplingParams:
+    """The engine's parameters for choice `choice_index` of `req` (stop strings: TextStream)."""
+    if isinstance(req, ChatCompletionRequest):
+        max_tokens = req.requested_max_tokens or default_max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        max_tokens = req.max_tokens or default_max_tokens
+        logprobs = req.logprobs
+    seed = None
+    if req.seed is not None:
+        seed = req.seed + choice_index
+        seed = seed - 2**64 if seed >= 2**64 else seed
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=seed,
+        logprobs=logprobs,
+        return_routed_experts=bool(req.return_routed_experts),
+    )
+
+
+def text_stream(req, tokenizer, stop_token_ids: Iterable[int] = ()) -> TextStream:
+    """A TextStream for one choice of `req`; pass the model's EOS ids as stop_token_ids."""
+    return TextStream(tokenizer, req.stop_list, stop_token_ids)
+
+
+def finish_reason(engine_reason: str | None, stream: TextStream) -> str | None:
+    """OpenAI's finish_reason: a stop string hit is "stop"; the engine's stop/length as they are."""
+    return "stop" if stream.stopped else engine_reason
+
+
+def completion_index(prompt_index: int, choice_index: int, n: int) -> int:
+    """OpenAI numbers the choices of several prompts prompt by prompt."""
+    return prompt_index * n + choice_index
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Header:
+    """What every object of one response shares."""
+
+    id: str
+    model: str
+    created: int
+
+    @classmethod
+    def new(cls, prefix: str, model: str) -> Header:
+        return cls(f"{prefix}-{secrets.token_hex(16)}", model, int(time.time()))
+
+    def obj(self, kind: str, **fields) -> dict:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            **fields,
+        }
+
+
+def chat_header(model: str) -> Header:
+    return Header.new("chatcmpl", model)
+
+
+def completion_header(model: str) -> Header:
+    return Header.new("cmpl", model)
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event; the app ends a stream with SSE_DONE."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def _lp(logprob: float | None) -> float:
+    return MIN_LOGPROB if logprob is None else max(float(logprob), MIN_LOGPROB)
+
+
+def _chat_entry(tokenizer, token_id: int, logprob: float | None) -> dict:
+    raw = token_bytes(tokenizer, token_id)
+    token = raw.decode("utf-8", errors="backslashreplace")
+    return {"token": token, "logprob": _lp(logprob), "bytes": list(raw)}
+
+
+def chat_logprobs(tokens: list[TokenInfo], tokenizer) -> dict:
+    """`choice.logprobs` of the chat format."""
+    content = [
+        {
+            **_chat_entry(tokenizer, t.token_id, t.logprob),
+            "top_logprobs": [_chat_entry(tokenizer, i, lp) for i, lp in t.top_logprobs or []],
+        }
+        for t in tokens
+    ]
+    return {"content": content}
+
+
+def completion_logprobs(tokens: list[TokenInfo], tokenizer) -> dict:
+    """`choice.logprobs` of the completions format; each top dict holds the chosen token too."""
+    names = [token_text(tokenizer, t.token_id) for t in tokens]
+    tops = [
+        {name: _lp(t.logprob)}
+        | {token_text(tokenizer, i): _lp(lp) for i, lp in t.top_logprobs or []}
+        for name, t in zip(names, tokens)
+    ]
+    return {
+        "tokens": names,
+        "token_logprobs": [_lp(t.logprob) for t in tokens],
+        "top_logprobs": tops,
+        "text_offset": [t.offset for t in tokens],
+    }
+
+
+def _with_experts(choice: dict, req, tokens: list[TokenInfo]) -> dict:
+    if req.return_routed_experts:
+        choice["routed_experts"] = [t.routed_experts for t in tokens]
+    return choice
+
+
+def chat_choice(req, index: int, stream: TextStream, reason: str | None, tokenizer) -> dict:
+    """One choice of a chat.completion; `reason` from `finish_reason`."""
+    logprobs = chat_logprobs(stream.tokens, tokenizer) if req.logprobs else None
+    message = {"role": "assistant", "content": stream.text}
+    choice = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+    return _with_experts(choice, req, stream.tokens)
+
+
+def chat_completion(header: Header, choices: list[dict], usage: dict) -> dict:
+    return header.obj("chat.completion", choices=choices, usage=usage)
+
+
+def _chat_chunk(header: Header, choices: list[dict], **fields) -> dict:
+    return header.obj("chat.completion.chunk", choices=choices, **fields)
+
+
+def chat_role_chunk(header: Header, index: int) -> dict:
+    """The first chunk of each choice."""
+    delta = {"role": "assistant", "content": ""}
+    return _chat_chunk(header, [{"index": index, "delta": delta, "logprobs": None}])
+
+
+def chat_delta_chunk(header: Header, req, index: int, delta: Delta, tokenizer) -> dict | None:
+    """A content chunk, or None when the delta released nothing."""
+    if not delta.text and not delta.tokens:
+        return None
+    logprobs = chat_logprobs(delta.tokens, tokenizer) if req.logprobs else None
+    choice = {"index": index, "delta": {"content": delta.text}, "logprobs": logprobs}
+    return _chat_chunk(header, [_with_experts(choice, req, delta.tokens)])
+
+
+def chat_finish_chunk(header: Header, index: int, reason: str | None) -> dict:
+    choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+    return _chat_chunk(header, [choice])
+
+
+def chat_usage_chunk(header: Header, usage: dict) -> dict:
+    """The last chunk when stream_options.include_usage."""
+    return _chat_chunk(header, [], usage=usage)
+
+
+def completion_choice(req, index: int, stream: TextStream, reason: str | None, tokenizer) -> dict:
+    logprobs = None if req.logprobs is None else completion_logprobs(stream.tokens, tokenizer)
+    choice = {"index": index, "text": stream.text, "logprobs": logprobs, "finish_reason": reason}
+    return _with_experts(choice, req, stream.tokens)
+
+
+def completion_response(header: Header, choices: list[dict], usage: dict) -> dict:
+    return header.obj("text_completion", choices=choices, usage=usage)
+
+
+def completion_chunk(
+    header: Header, req, index: int, delta: Delta, tokenizer, reason: str | None = None
+) -> dict | None:
+    """A streamed piece of one choice; None when there is neither text nor a finish_reason."""
+    if not delta.text and not delta.tokens and reason is None:
+        return None
+    logprobs = None if req.logprobs is None else completion_logprobs(delta.tokens, tokenizer)
+    choice = {"index": index, "text": delta.text, "logprobs": logprobs, "finish_reason": reason}
+    return header.obj("text_completion", choices=[_with_experts(choice, req, delta.tokens)])
+
+
+def completion_usage_chunk(header: Header, usage: dict) -> dict:
+    return header.obj("text_completion", choices=[], usage=usage)
+
+
+# -- usage and parameter counts ---------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def param_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameters; active counts top_k routed experts of each layer."""
+    h, v = cfg.hidden_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    bias = cfg.use_bias
+    attn = h * (2 * q + 2 * kv) + (q + 2 * kv + h if bias else 0) + 2 * h  # qkvo + 2 norms
+    expert = 3 * h * cfg.moe_intermediate_size  # gate, up, down; routed experts have no bias
+    shared = cfg.num_shared_experts * expert + (
+        (2 * cfg.num_shared_experts * cfg.moe_intermediate_size + h) if bias else 0
+    )
+    router = cfg.num_experts * h + cfg.num_experts  # gate + correction bias
+    dense = 3 * h * cfg.intermediate_size + ((2 * cfg.intermediate_size + h) if bias else 0)
+    n_moe = len(cfg.moe_layers)
+    n_dense = cfg.num_layers - n_moe
+    head = (0 if cfg.tie_word_embeddings else v * h) + (v if bias else 0)
+    common = v * h + head + h + cfg.num_layers * attn + n_dense * dense + n_moe * (shared + router)
+    total = common + n_moe * cfg.num_experts * expert
+    active = common + n_moe * cfg.top_k * expert
+    return total, active
+
+
+def usage(prompt_tokens: int, completion_tokens: int, model_cfg: ModelConfig) -> dict:
+    """OpenAI's usage plus `active_params_per_token` and `flops`.
+
+    flops = 2 x (parameters each token multiplies by) x tokens: the weight matmuls of
+    prompt and output tokens, attention scores excluded. The input embedding is a lookup, so
+    an untied embedding table is left out; a tied one counts once, as the lm_head.
+    `dense_equivalent` is the same for a dense model with every expert active.
+    """
+    total, active = param_counts(model_cfg)
+    lookup = 0 if model_cfg.tie_word_embeddings else model_cfg.vocab_size * model_cfg.hidden_size
+    tokens = prompt_tokens + completion_tokens
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": tokens,
+        "active_params_per_token": active,
+        "flops": {
+            "spent": 2 * (active - lookup) * tokens,
+            "dense_equivalent": 2 * (total - lookup) * tokens,
+        },
+    }

@@ -1,0 +1,58 @@
+"""The Ray Serve application: an OpenAI-compatible FastAPI ingress over a gateway deployment.
+
+The ingress (CPU, autoscaled) tokenizes, applies the chat template, validates and shapes
+responses; the gateway deployment (one replica per model copy) owns the engine and creates its
+expert workers in the bundles of its placement group, so a replica and its workers are placed
+and released together. `build_app(args)` serves `serve run` and Serve config files alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import serve
+
+from .args import ServeArgs
+from .gateway import Gateway
+from .launch import bundles
+
+
+def resolve_model(args: ServeArgs) -> tuple[str, str]:
+    """(checkpoint path, served model id)."""
+    if args.model:
+        path = str(Path(args.model).expanduser())
+        return path, args.served_model_name or args.model
+    from .cli import BUILTIN_NAME, builtin_model_dir
+
+    return str(builtin_model_dir()), args.served_model_name or BUILTIN_NAME
+
+
+def build_app(args: dict | ServeArgs) -> serve.Application:
+    from .ingress import Ingress
+
+    args = ServeArgs.model_validate(args)
+    path, name = resolve_model(args)
+    cfg = args.cluster_config(path)
+    first = bundles(cfg)[0]
+    gateway = serve.deployment(
+        Gateway,
+        name="Gateway",
+        num_replicas=1,
+        max_ongoing_requests=100_000,  # every stream counts; the engine queues and batches
+        ray_actor_options={"num_cpus": first.get("CPU", 1), "num_gpus": first.get("GPU", 0)},
+        placement_group_bundles=bundles(cfg),
+        placement_group_strategy=cfg.strategy,
+        health_check_period_s=10,
+    ).bind(cfg.model_dump())
+    ingress = serve.deployment(
+        Ingress,
+        name="Ingress",
+        max_ongoing_requests=args.max_ongoing_requests,
+        autoscaling_config={
+            "min_replicas": args.min_replicas,
+            "max_replicas": args.max_replicas,
+            "target_ongoing_requests": args.target_ongoing_requests,
+        },
+        ray_actor_options={"num_cpus": 0.5},
+    )
+    return ingress.bind(gateway, args.model_dump(), path, name)

@@ -1,0 +1,52 @@
+"""`expertmesh serve`: Ray, the cluster and the Serve application, until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+import httpx
+import ray
+from ray import serve
+
+from .args import ServeArgs
+from .launch import start_ray
+from .serve_app import build_app, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+def wait_healthy(url: str, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f}s")
+
+
+def run_server(a: ServeArgs) -> int:
+    started_ray = not ray.is_initialized()
+    start_ray(a.address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": a.host, "port": a.port})
+        serve.run(build_app(a), name="expertmesh", route_prefix="/")
+        host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
+        url = f"http://{host}:{a.port}"
+        wait_healthy(url)
+        print(f"expertmesh: serving {resolve_model(a)[1]!r} at {url}/v1 (Ctrl-C stops)", flush=True)
+        stop.wait()
+        log.info("shutting down")
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+    return 0
