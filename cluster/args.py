@@ -192,6 +192,10 @@ class ServeArgs(BaseModel):
     default_max_tokens: int = Field(
         256, ge=1, description="max_tokens of chat requests that give none"
     )
+    max_worker_restarts: int = Field(20, ge=0, description="Ray restarts of each expert worker")
+    restart_timeout_s: float = Field(
+        60, gt=0, description="how long a failed worker may take to come back"
+    )
     host: str = Field("127.0.0.1", description="HTTP host")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
 
@@ -213,4 +217,6 @@ class ServeArgs(BaseModel):
             max_num_seqs=self.max_num_seqs,
             kv_cache_tokens=self.kv_cache_tokens,
             max_model_len=self.max_model_len,
+            max_worker_restarts=self.max_worker_restarts,
+            restart_timeout_s=self.restart_timeout_s,
         )

@@ -153,6 +153,12 @@ class _Sampling(_Strict):
     return_routed_experts: bool | None = Field(
         False, description="extension: report each token's experts in every MoE layer"
     )
+    top_k: Annotated[int, Field(ge=-1)] | None = Field(
+        None, description="extension (as vLLM): sample from the k most likely tokens; -1 or 0: all"
+    )
+    ignore_eos: bool | None = Field(
+        False, description="extension (as vLLM): keep generating past the model's EOS tokens"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -413,6 +419,8 @@ def sampling_params(
         seed=seed,
         logprobs=logprobs,
         return_routed_experts=bool(req.return_routed_experts),
+        top_k=req.top_k or 0,
+        ignore_eos=bool(req.ignore_eos),
     )
 
 

@@ -46,7 +46,17 @@ def run_server(a: ServeArgs) -> int:
         stop.wait()
         log.info("shutting down")
     finally:
-        serve.shutdown()
-        if started_ray:
-            ray.shutdown()
+        _shutdown(started_ray)
     return 0
+
+
+def _shutdown(started_ray: bool, serve_timeout_s: float = 30) -> None:
+    """Stop Serve, then Ray. A Ctrl-C in a terminal also reaches Ray's own processes, and
+    serve.shutdown() can then wait forever on a dead raylet: give it a deadline."""
+    t = threading.Thread(target=serve.shutdown, daemon=True)
+    t.start()
+    t.join(serve_timeout_s)
+    if t.is_alive():
+        log.warning("Serve did not shut down within %.0fs; stopping Ray anyway", serve_timeout_s)
+    if started_ray:
+        ray.shutdown()

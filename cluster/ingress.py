@@ -1,0 +1,290 @@
+"""The HTTP ingress: OpenAI's chat and completions endpoints, models, health and metrics.
+
+Runs as an autoscaled Ray Serve deployment; tokenizer, chat template and validation happen
+here, generation in the gateway deployment it holds a handle to.
+"""
+
+# No `from __future__ import annotations` here: Serve re-wraps the endpoint methods and
+# FastAPI must see real annotations to recognise `request: Request`.
+import json
+import logging
+import time
+from pathlib import Path
+
+from expertmesh.ernie.config import ModelConfig
+from expertmesh.ernie.tokenizer import load_tokenizer
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import openai_protocol as op
+from .args import ServeArgs
+from .choices import Choice, merged
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+app = FastAPI(title="expertmesh", description="OpenAI-compatible ERNIE 4.5 MoE serving")
+
+
+@app.exception_handler(op.APIError)
+async def _api_error(request: Request, e: op.APIError):
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError):
+    msg = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+    return JSONResponse(op.bad_request(msg).body(), status_code=400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException):
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    msg = f"{request.method} {request.url.path}: {e.detail}"
+    return JSONResponse(op.APIError(e.status_code, msg, kind).body(), status_code=e.status_code)
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, e: Exception):
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse(
+        op.APIError(500, f"internal error: {e}", "internal_error").body(), status_code=500
+    )
+
+
+async def _json_body(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise op.bad_request(f"the request body is not valid JSON: {e}") from None
+
+
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, gateway, args: dict, model_path: str, model_name: str):
+        self.gateway = gateway
+        self.args = ServeArgs.model_validate(args)
+        self.keys = self.args.keys()
+        self.model_name = model_name
+        self.names = {model_name, model_path, Path(model_path).name, ""}
+        self.tokenizer = load_tokenizer(model_path)
+        if self.tokenizer is None:
+            raise ValueError(f"{model_path} has no tokenizer; the HTTP API needs one")
+        self.model_cfg = ModelConfig.from_dir(model_path)
+        self.max_model_len: int | None = None
+        self.metrics = Metrics()
+        self.created = int(time.time())
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _auth(self, request: Request) -> None:
+        if not self.keys:
+            return
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if key not in self.keys:
+            raise op.APIError(
+                401, "missing or invalid API key", "authentication_error", code="invalid_api_key"
+            )
+
+    def _check_model(self, model: str) -> None:
+        if model not in self.names:
+            raise op.model_not_found(model)
+
+    async def _context(self) -> int:
+        if self.max_model_len is None:
+            info = await self.gateway.model_info.remote()
+            self.max_model_len = info["max_model_len"]
+        return self.max_model_len
+
+    def _choices(self, prompt: list[int], req, n: int, index0: int = 0) -> list[Choice]:
+        eos = self.model_cfg.eos_token_ids
+        return [
+            Choice(
+                self.gateway,
+                prompt,
+                op.sampling_params(req, i, self.args.default_max_tokens),
+                op.text_stream(req, self.tokenizer, eos),
+                index0 + i,
+            )
+            for i in range(n)
+        ]
+
+    async def _start(self, choices: list[Choice]) -> None:
+        try:
+            for c in choices:
+                await c.start()
+        except BaseException:
+            for c in choices:
+                c.cancel()
+            raise
+
+    def _observe(
+        self, endpoint: str, status: int, t0: float, choices: list[Choice], prompt_tokens: int
+    ):
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        for c in choices:
+            self.metrics.generation_tokens.inc(c.stream.num_tokens)
+            if c.first_token_at is not None:
+                self.metrics.ttft.observe(c.first_token_at - t0)
+            for a, b in zip(c.token_times, c.token_times[1:]):
+                self.metrics.itl.observe(b - a)
+
+    async def _handle(self, endpoint: str, request: Request, run):
+        t0 = time.monotonic()
+        try:
+            self._auth(request)
+            return await run(t0)
+        except op.APIError as e:
+            self.metrics.requests.labels(endpoint, str(e.status)).inc()
+            raise
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self):
+        h = await self.gateway.health.remote()
+        if h["ready"]:
+            return {"status": "ok", **h}
+        body = op.APIError(503, f"not ready: {h}", "service_unavailable").body()
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self._auth(request)
+        ctx = await self._context()
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "expertmesh",
+            "max_model_len": ctx,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def prometheus(self, request: Request):
+        self._auth(request)
+        stats = await self.gateway.stats.remote()
+        counts = await self.gateway.expert_counts.remote()
+        return Response(self.metrics.render(stats, counts), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        return await self._handle("chat", request, lambda t0: self._chat(request, t0))
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle("completions", request, lambda t0: self._completions(request, t0))
+
+    # -- chat -------------------------------------------------------------------------------
+
+    async def _chat(self, request: Request, t0: float):
+        req = op.parse_chat_request(await _json_body(request))
+        self._check_model(req.model)
+        prompt = op.chat_prompt_ids(req, self.tokenizer)
+        op.check_prompt(
+            prompt,
+            self.model_cfg.vocab_size,
+            await self._context(),
+            req.requested_max_tokens,
+            param="messages",
+        )
+        choices = self._choices(prompt, req, req.n)
+        await self._start(choices)
+        header = op.chat_header(self.model_name)
+        if req.stream:
+            return StreamingResponse(
+                self._chat_sse(req, header, choices, len(prompt), t0),
+                media_type="text/event-stream",
+            )
+        try:
+            reasons = [await c.run_to_end() for c in choices]
+        finally:
+            self._observe("chat", 200, t0, choices, len(prompt))
+        out = [
+            op.chat_choice(req, c.index, c.stream, r, self.tokenizer)
+            for c, r in zip(choices, reasons)
+        ]
+        return op.chat_completion(header, out, self._usage(len(prompt), choices))
+
+    async def _chat_sse(self, req, header, choices: list[Choice], prompt_tokens: int, t0: float):
+        try:
+            for c in choices:
+                yield op.sse(op.chat_role_chunk(header, c.index))
+            async for c, delta, reason in merged(choices):
+                chunk = op.chat_delta_chunk(header, req, c.index, delta, self.tokenizer)
+                if chunk is not None:
+                    yield op.sse(chunk)
+                if reason is not None:
+                    yield op.sse(op.chat_finish_chunk(header, c.index, reason))
+            if req.include_usage:
+                yield op.sse(op.chat_usage_chunk(header, self._usage(prompt_tokens, choices)))
+            yield op.SSE_DONE
+        except op.APIError as e:  # mid-stream: the status line is gone, send the error event
+            yield op.sse(e.body())
+            yield op.SSE_DONE
+        finally:
+            for c in choices:
+                c.cancel()
+            self._observe("chat", 200, t0, choices, prompt_tokens)
+
+    # -- completions ------------------------------------------------------------------------
+
+    async def _completions(self, request: Request, t0: float):
+        req = op.parse_completion_request(await _json_body(request))
+        self._check_model(req.model)
+        prompts = op.completion_prompts(req, self.tokenizer)
+        ctx = await self._context()
+        for p in prompts:
+            op.check_prompt(p, self.model_cfg.vocab_size, ctx, req.requested_max_tokens)
+        choices = [
+            c
+            for i, p in enumerate(prompts)
+            for c in self._choices(p, req, req.n, op.completion_index(i, 0, req.n))
+        ]
+        await self._start(choices)
+        prompt_tokens = sum(len(p) for p in prompts)
+        header = op.completion_header(self.model_name)
+        if req.stream:
+            return StreamingResponse(
+                self._completion_sse(req, header, choices, prompt_tokens, t0),
+                media_type="text/event-stream",
+            )
+        try:
+            reasons = [await c.run_to_end() for c in choices]
+        finally:
+            self._observe("completions", 200, t0, choices, prompt_tokens)
+        out = [
+            op.completion_choice(req, c.index, c.stream, r, self.tokenizer)
+            for c, r in zip(choices, reasons)
+        ]
+        return op.completion_response(header, out, self._usage(prompt_tokens, choices))
+
+    async def _completion_sse(
+        self, req, header, choices: list[Choice], prompt_tokens: int, t0: float
+    ):
+        try:
+            async for c, delta, reason in merged(choices):
+                chunk = op.completion_chunk(header, req, c.index, delta, self.tokenizer, reason)
+                if chunk is not None:
+                    yield op.sse(chunk)
+            if req.include_usage:
+                yield op.sse(op.completion_usage_chunk(header, self._usage(prompt_tokens, choices)))
+            yield op.SSE_DONE
+        except op.APIError as e:
+            yield op.sse(e.body())
+            yield op.SSE_DONE
+        finally:
+            for c in choices:
+                c.cancel()
+            self._observe("completions", 200, t0, choices, prompt_tokens)
+
+    def _usage(self, prompt_tokens: int, choices: list[Choice]) -> dict:
+        completion_tokens = sum(c.stream.num_tokens for c in choices)
+        return op.usage(prompt_tokens, completion_tokens, self.model_cfg)

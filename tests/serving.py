@@ -1,0 +1,112 @@
+"""Running `expertmesh serve` as a subprocess for tests, and making sure it leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    """PIDs of all processes below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def alive(pids: set[int]) -> set[int]:
+    left = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            left.add(p)
+    return left
+
+
+class Server:
+    def __init__(self, *args: str, log_path: Path, timeout_s: float = 300):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "expertmesh.cluster.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                *args,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        self._wait_ready(log_path, timeout_s)
+
+    def _wait_ready(self, log_path: Path, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{log_path.read_text()[-3000:]}")
+            if "serving" in log_path.read_text():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"server not ready:\n{log_path.read_text()[-3000:]}")
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=60, **kw)
+
+    def post(self, path: str, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=120, **kw)
+
+    def stop(self, timeout_s: float = 90) -> set[int]:
+        """SIGTERM, then the PIDs of its processes still alive (should be none)."""
+        family = descendants(self.proc.pid) | {self.proc.pid}
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 20
+        while alive(family) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = alive(family)
+        for p in left:  # never leave them behind, even when the test fails
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        self.log.close()
+        return left
