@@ -115,9 +115,16 @@ class WorkerSet:
         ]
 
     def dead_workers(self) -> set[int]:
-        """Workers whose collective loop ended (a death shows here at once)."""
+        """Workers whose collective loop failed: a death shows here at once. A loop that
+        returned (the group broke under it) belongs to a survivor, not a dead worker."""
         done, _ = ray.wait(self._loops, num_returns=len(self._loops), timeout=0)
-        return {self._loops.index(ref) for ref in done}
+        dead = set()
+        for ref in done:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:
+                dead.add(self._loops.index(ref))
+        return dead
 
     # -- recovery ---------------------------------------------------------------------------
 

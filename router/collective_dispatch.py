@@ -15,6 +15,7 @@ one, which every worker must join; a gloo or NCCL group cannot replace a rank.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ class _Exchange:
     counts: list[int]  # rows per worker
     out: torch.Tensor | None = None  # [sum(counts), H] results, in worker order
     works: list = field(default_factory=list)
-    done: object = None  # threading.Event set when all ops finished or one failed
+    done: threading.Event | None = None  # set when all ops finished or one failed
     started: float = 0.0
     error: str | None = None  # the group was broken before this layer was sent
 
@@ -52,6 +53,7 @@ class CollectiveDispatcher(Dispatcher):
     """Rank 0 of a collective group over the expert workers."""
 
     poll_s = 0.05  # how often to ask liveness() while waiting for results
+    blame_s = 1.0  # after an op error, how long liveness() may take to name the dead
 
     def __init__(
         self,
@@ -83,27 +85,15 @@ class CollectiveDispatcher(Dispatcher):
     def connect(self) -> None:
         """Host the group as rank 0; blocks until every worker has joined (they join meanwhile)."""
         t0 = time.monotonic()
+        addr, port = self.master_addr, self.master_port
         try:
-            self.group = open_group(
-                self.master_addr,
-                self.master_port,
-                0,
-                self.world_size,
-                self.backend,
-                self.timeout_s,
-            )
-        except RuntimeError as e:
-            raise WorkerUnavailable(
-                f"expert workers did not join {self.master_addr}:{self.master_port} "
-                f"within {self.timeout_s:.0f}s: {e}"
-            ) from e
+            self.group = open_group(addr, port, 0, self.world_size, self.backend, self.timeout_s)
+        except (RuntimeError, OSError) as e:  # a worker missing, the port taken
+            raise WorkerUnavailable(f"no collective group on {addr}:{port}: {e}") from e
         self.broken = None
+        took = time.monotonic() - t0
         log.info(
-            "collective group of %d ranks up in %.2fs on %s:%d",
-            self.world_size,
-            time.monotonic() - t0,
-            self.master_addr,
-            self.master_port,
+            "collective group of %d ranks on %s:%d in %.2fs", self.world_size, addr, port, took
         )
 
     def rebuild(self, master_port: int) -> None:
@@ -178,7 +168,7 @@ class CollectiveDispatcher(Dispatcher):
     def _receive(self, pending: Pending) -> dict[int, torch.Tensor]:
         ex: _Exchange = pending.handle
         if ex.error is not None:
-            raise WorkerFailure(self._dead() or self._all(), ex.error)
+            raise WorkerFailure(self._blame(), ex.error)
         if ex.done is not None:
             self._await(ex)
         offsets = [0]
@@ -199,7 +189,7 @@ class CollectiveDispatcher(Dispatcher):
             for work in ex.works:
                 work.wait()  # raises the first op's error
         except RuntimeError as e:
-            self._fail(ex, self._dead() or self._all(), str(e))
+            self._fail(ex, self._blame(), str(e))
         ex.works.clear()  # finished ops: nothing holds the group any more
 
     def _fail_later(self, ex: _Exchange, cause: str) -> None:
@@ -224,6 +214,19 @@ class CollectiveDispatcher(Dispatcher):
         except Exception as e:  # a failing health check must not hide the real error
             log.warning("liveness check failed: %s", e)
             return set()
+
+    def _blame(self) -> set[int]:
+        """The workers behind an op error: the dead ones, once liveness() sees them; else all.
+
+        A killed worker's sockets close a little before its death is visible (a reaped
+        process, a Ray actor marked dead), so ask again for up to `blame_s`.
+        """
+        deadline = time.monotonic() + self.blame_s
+        dead = self._dead()
+        while not dead and self.liveness is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            dead = self._dead()
+        return dead or self._all()
 
     def _all(self) -> set[int]:
         return set(range(self.num_workers))
