@@ -220,3 +220,18 @@ class ServeArgs(BaseModel):
             max_worker_restarts=self.max_worker_restarts,
             restart_timeout_s=self.restart_timeout_s,
         )
+
+
+class BenchHttpArgs(BaseModel):
+    url: str | None = Field(
+        None, description="a running server; default: start one on the built-in model"
+    )
+    api_key: str | None = Field(None, description="API key of that server")
+    model: str | None = Field(None, description="checkpoint for the server started here")
+    workers: int = Field(2, ge=1, description="expert workers of the server started here")
+    transport: Literal["grpc", "collective", "local"] = Field(
+        "grpc", description="transport of the server started here"
+    )
+    concurrency: list[int] = Field([1, 8, 32], description="concurrent clients per level")
+    requests: int = Field(4, ge=1, description="requests each client sends, one after another")
+    max_tokens: int = Field(64, ge=1, description="tokens per answer")

@@ -10,7 +10,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .args import BenchEngineArgs, GenerateArgs, ServeArgs, TinyArgs, add_args, default_home, parse
+from .args import (
+    BenchEngineArgs,
+    BenchHttpArgs,
+    GenerateArgs,
+    ServeArgs,
+    TinyArgs,
+    add_args,
+    default_home,
+    parse,
+)
 from .chat import ChatArgs, run_chat
 
 log = logging.getLogger("expertmesh")
@@ -120,6 +129,13 @@ def cmd_bench_engine(a: BenchEngineArgs) -> int:
     return 0
 
 
+def cmd_bench_http(a: BenchHttpArgs) -> int:
+    from .bench_http import bench_http
+
+    bench_http(a)
+    return 0
+
+
 def cmd_serve(a: ServeArgs) -> int:
     from .server import run_server
 
@@ -152,12 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     be = bench_sub.add_parser("engine", help="decode throughput against a baseline")
     add_args(be, BenchEngineArgs)
     be.set_defaults(args_model=BenchEngineArgs, run=cmd_bench_engine)
+    bh = bench_sub.add_parser("http", help="throughput and TTFT through the HTTP API")
+    add_args(bh, BenchHttpArgs)
+    bh.set_defaults(args_model=BenchHttpArgs, run=cmd_bench_http)
     return p
+
+
+def pin_local_ray_to_loopback(ns: argparse.Namespace) -> None:
+    """A local Ray (no --address) needs no external address: keep every Ray process on
+    127.0.0.1. Ray reads this once, when it is imported, so it is set before any Ray import."""
+    if not getattr(ns, "address", None) and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    pin_local_ray_to_loopback(ns)
     logging.basicConfig(
         level=logging.DEBUG if ns.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -22,7 +22,9 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # a local instance needs no external address: keep every Ray process on loopback
+    # A local instance needs no external address. Ray takes 127.0.0.1 only when
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set before `import ray` (the CLI and the tests
+    # do that); setting it here covers the processes Ray spawns.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
         num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 1)),

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-import functools
+import os
+
+# Every Ray started by the tests stays on 127.0.0.1; Ray reads this when it is imported.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import functools  # noqa: E402
 
 import pytest
 import torch

@@ -27,6 +27,7 @@ TRANSPORTS = ["grpc", "collective"]
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
     start_ray(num_cpus=16)
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield
     ray.shutdown()
 
