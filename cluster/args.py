@@ -204,7 +204,11 @@ class ServeArgs(BaseModel):
         return set(self.api_keys) | {k.strip() for k in env.split(",") if k.strip()}
 
     def cluster_config(self, model: str):
+        """The gateway's ClusterConfig: every field the two models share, and the model path."""
         from .config import ClusterConfig
+
+        shared = set(ClusterConfig.model_fields) & set(type(self).model_fields) - {"model"}
+        return ClusterConfig(model=model, **self.model_dump(include=shared))
 
         return ClusterConfig(
             model=model,

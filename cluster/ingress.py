@@ -20,6 +20,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import openai_protocol as op
+from . import openai_responses as resp
 from .args import ServeArgs
 from .choices import Choice, merged
 from .metrics import Metrics
@@ -197,7 +198,7 @@ class Ingress:
         )
         choices = self._choices(prompt, req, req.n)
         await self._start(choices)
-        header = op.chat_header(self.model_name)
+        header = resp.chat_header(self.model_name)
         if req.stream:
             return StreamingResponse(
                 self._chat_sse(req, header, choices, len(prompt), t0),
@@ -208,27 +209,27 @@ class Ingress:
         finally:
             self._observe("chat", 200, t0, choices, len(prompt))
         out = [
-            op.chat_choice(req, c.index, c.stream, r, self.tokenizer)
+            resp.chat_choice(req, c.index, c.stream, r, self.tokenizer)
             for c, r in zip(choices, reasons)
         ]
-        return op.chat_completion(header, out, self._usage(len(prompt), choices))
+        return resp.chat_completion(header, out, self._usage(len(prompt), choices))
 
     async def _chat_sse(self, req, header, choices: list[Choice], prompt_tokens: int, t0: float):
         try:
             for c in choices:
-                yield op.sse(op.chat_role_chunk(header, c.index))
+                yield resp.sse(resp.chat_role_chunk(header, c.index))
             async for c, delta, reason in merged(choices):
-                chunk = op.chat_delta_chunk(header, req, c.index, delta, self.tokenizer)
+                chunk = resp.chat_delta_chunk(header, req, c.index, delta, self.tokenizer)
                 if chunk is not None:
-                    yield op.sse(chunk)
+                    yield resp.sse(chunk)
                 if reason is not None:
-                    yield op.sse(op.chat_finish_chunk(header, c.index, reason))
+                    yield resp.sse(resp.chat_finish_chunk(header, c.index, reason))
             if req.include_usage:
-                yield op.sse(op.chat_usage_chunk(header, self._usage(prompt_tokens, choices)))
-            yield op.SSE_DONE
+                yield resp.sse(resp.chat_usage_chunk(header, self._usage(prompt_tokens, choices)))
+            yield resp.SSE_DONE
         except op.APIError as e:  # mid-stream: the status line is gone, send the error event
-            yield op.sse(e.body())
-            yield op.SSE_DONE
+            yield resp.sse(e.body())
+            yield resp.SSE_DONE
         finally:
             for c in choices:
                 c.cancel()
@@ -250,7 +251,7 @@ class Ingress:
         ]
         await self._start(choices)
         prompt_tokens = sum(len(p) for p in prompts)
-        header = op.completion_header(self.model_name)
+        header = resp.completion_header(self.model_name)
         if req.stream:
             return StreamingResponse(
                 self._completion_sse(req, header, choices, prompt_tokens, t0),
@@ -261,25 +262,27 @@ class Ingress:
         finally:
             self._observe("completions", 200, t0, choices, prompt_tokens)
         out = [
-            op.completion_choice(req, c.index, c.stream, r, self.tokenizer)
+            resp.completion_choice(req, c.index, c.stream, r, self.tokenizer)
             for c, r in zip(choices, reasons)
         ]
-        return op.completion_response(header, out, self._usage(prompt_tokens, choices))
+        return resp.completion_response(header, out, self._usage(prompt_tokens, choices))
 
     async def _completion_sse(
         self, req, header, choices: list[Choice], prompt_tokens: int, t0: float
     ):
         try:
             async for c, delta, reason in merged(choices):
-                chunk = op.completion_chunk(header, req, c.index, delta, self.tokenizer, reason)
+                chunk = resp.completion_chunk(header, req, c.index, delta, self.tokenizer, reason)
                 if chunk is not None:
-                    yield op.sse(chunk)
+                    yield resp.sse(chunk)
             if req.include_usage:
-                yield op.sse(op.completion_usage_chunk(header, self._usage(prompt_tokens, choices)))
-            yield op.SSE_DONE
+                yield resp.sse(
+                    resp.completion_usage_chunk(header, self._usage(prompt_tokens, choices))
+                )
+            yield resp.SSE_DONE
         except op.APIError as e:
-            yield op.sse(e.body())
-            yield op.SSE_DONE
+            yield resp.sse(e.body())
+            yield resp.SSE_DONE
         finally:
             for c in choices:
                 c.cancel()
@@ -287,4 +290,4 @@ class Ingress:
 
     def _usage(self, prompt_tokens: int, choices: list[Choice]) -> dict:
         completion_tokens = sum(c.stream.num_tokens for c in choices)
-        return op.usage(prompt_tokens, completion_tokens, self.model_cfg)
+        return resp.usage(prompt_tokens, completion_tokens, self.model_cfg)

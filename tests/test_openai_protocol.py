@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 from expertmesh.cluster import openai_protocol as op
+from expertmesh.cluster import openai_responses as resp
 from expertmesh.cluster.textstream import TextStream, token_bytes, token_text
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.ernie.tokenizer import load_tokenizer
@@ -386,10 +387,16 @@ def test_client_reads_errors():
 def test_client_streams_chat(tok, cfg):
     req = op.parse_chat_request(chat(stream=True, stream_options={"include_usage": True}))
     s, deltas, reason = run_choice(tok, req, "你好 🙂 the sea")
-    h = op.chat_header("tiny")
-    chunks = [op.chat_role_chunk(h, 0), *(op.chat_delta_chunk(h, req, 0, d, tok) for d in deltas)]
-    chunks += [op.chat_finish_chunk(h, 0, reason), op.chat_usage_chunk(h, op.usage(3, 4, cfg))]
-    body = "".join(op.sse(c) for c in chunks if c) + op.SSE_DONE
+    h = resp.chat_header("tiny")
+    chunks = [
+        resp.chat_role_chunk(h, 0),
+        *(resp.chat_delta_chunk(h, req, 0, d, tok) for d in deltas),
+    ]
+    chunks += [
+        resp.chat_finish_chunk(h, 0, reason),
+        resp.chat_usage_chunk(h, resp.usage(3, 4, cfg)),
+    ]
+    body = "".join(resp.sse(c) for c in chunks if c) + resp.SSE_DONE
     client = mock_client(lambda request: httpx.Response(200, text=body, headers=SSE_HEADERS))
     stream = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "x"}], stream=True
@@ -410,11 +417,11 @@ def run_choice(tok, req, text, *, eos=True):
 def test_chat_completion_parses(tok, cfg):
     req = op.parse_chat_request(chat(logprobs=True, top_logprobs=2, return_routed_experts=True))
     s, _, reason = run_choice(tok, req, "你好 🙂 the sea")
-    h = op.chat_header("tiny")
-    body = op.chat_completion(
+    h = resp.chat_header("tiny")
+    body = resp.chat_completion(
         h,
-        [op.chat_choice(req, 0, s, op.finish_reason(reason, s), tok)],
-        op.usage(10, s.num_tokens, cfg),
+        [resp.chat_choice(req, 0, s, op.finish_reason(reason, s), tok)],
+        resp.usage(10, s.num_tokens, cfg),
     )
     obj = ChatCompletion.model_validate(json.loads(json.dumps(body)))
     assert obj.id.startswith("chatcmpl-") and obj.object == "chat.completion"
@@ -435,14 +442,14 @@ def test_chat_chunks_parse(tok, cfg):
         chat(stream=True, stream_options={"include_usage": True}, logprobs=True, stop=["sea"])
     )
     s, deltas, _ = run_choice(tok, req, "你好 🙂 the sea is wide", eos=False)
-    h = op.chat_header("tiny")
-    chunks = [op.chat_role_chunk(h, 0)]
-    chunks += [c for d in deltas if (c := op.chat_delta_chunk(h, req, 0, d, tok))]
-    chunks.append(op.chat_finish_chunk(h, 0, op.finish_reason("length", s)))
-    chunks.append(op.chat_usage_chunk(h, op.usage(5, s.num_tokens, cfg)))
+    h = resp.chat_header("tiny")
+    chunks = [resp.chat_role_chunk(h, 0)]
+    chunks += [c for d in deltas if (c := resp.chat_delta_chunk(h, req, 0, d, tok))]
+    chunks.append(resp.chat_finish_chunk(h, 0, op.finish_reason("length", s)))
+    chunks.append(resp.chat_usage_chunk(h, resp.usage(5, s.num_tokens, cfg)))
     parsed = []
     for c in chunks:
-        line = op.sse(c)
+        line = resp.sse(c)
         assert line.startswith("data: ") and line.endswith("\n\n")
         parsed.append(ChatCompletionChunk.model_validate(json.loads(line[6:])))
     assert parsed[0].choices[0].delta.role == "assistant"
@@ -456,10 +463,10 @@ def test_chat_chunks_parse(tok, cfg):
 def test_completion_and_chunks_parse(tok, cfg):
     req = op.parse_completion_request({"prompt": "x", "logprobs": 1, "n": 2})
     s, deltas, reason = run_choice(tok, req, "the sea 🙂")
-    h = op.completion_header("tiny")
-    choice = op.completion_choice(req, op.completion_index(1, 1, 2), s, reason, tok)
+    h = resp.completion_header("tiny")
+    choice = resp.completion_choice(req, op.completion_index(1, 1, 2), s, reason, tok)
     obj = Completion.model_validate(
-        json.loads(json.dumps(op.completion_response(h, [choice], op.usage(1, 4, cfg))))
+        json.loads(json.dumps(resp.completion_response(h, [choice], resp.usage(1, 4, cfg))))
     )
     assert obj.object == "text_completion" and obj.id.startswith("cmpl-")
     c = obj.choices[0]
@@ -467,12 +474,12 @@ def test_completion_and_chunks_parse(tok, cfg):
     assert c.logprobs.text_offset[0] == 0 and c.logprobs.token_logprobs[0] == -0.25
     assert "".join(c.logprobs.tokens[:3]) == "the sea"
     assert len(c.logprobs.top_logprobs[0]) == 2
-    chunks = [op.completion_chunk(h, req, 0, d, tok) for d in deltas]
-    chunks.append(op.completion_chunk(h, req, 0, deltas[-1], tok, "stop"))
-    chunks.append(op.completion_usage_chunk(h, op.usage(1, 4, cfg)))
+    chunks = [resp.completion_chunk(h, req, 0, d, tok) for d in deltas]
+    chunks.append(resp.completion_chunk(h, req, 0, deltas[-1], tok, "stop"))
+    chunks.append(resp.completion_usage_chunk(h, resp.usage(1, 4, cfg)))
     # streamed completions carry finish_reason null until the end, as OpenAI's do; the client
     # parses stream chunks without validating that Literal, so go through the client itself
-    body = "".join(op.sse(c) for c in chunks if c) + op.SSE_DONE
+    body = "".join(resp.sse(c) for c in chunks if c) + resp.SSE_DONE
     client = mock_client(lambda request: httpx.Response(200, text=body, headers=SSE_HEADERS))
     parsed = list(client.completions.create(model="tiny", prompt="x", stream=True))
     assert all(isinstance(p, Completion) for p in parsed)
@@ -484,10 +491,10 @@ def test_completion_and_chunks_parse(tok, cfg):
 def test_no_logprobs_when_not_asked(tok):
     req = op.parse_chat_request(chat())
     s, deltas, reason = run_choice(tok, req, "sea")
-    choice = op.chat_choice(req, 0, s, reason, tok)
+    choice = resp.chat_choice(req, 0, s, reason, tok)
     assert choice["logprobs"] is None and "routed_experts" not in choice
     creq = op.parse_completion_request({"prompt": "x"})
-    assert op.completion_choice(creq, 0, s, reason, tok)["logprobs"] is None
+    assert resp.completion_choice(creq, 0, s, reason, tok)["logprobs"] is None
 
 
 # -- errors and usage -------------------------------------------------------------------------
@@ -538,10 +545,10 @@ ERNIE_21B = {
 
 def test_param_counts_of_ernie_21b():
     cfg = ModelConfig.from_dict(ERNIE_21B)
-    total, active = op.param_counts(cfg)
+    total, active = resp.param_counts(cfg)
     assert 20.5e9 < total < 22.5e9, total  # "21B"
     assert 3.0e9 < active < 3.5e9, active  # "A3B"; DESIGN.md: about 3.3B active
-    u = op.usage(100, 20, cfg)
+    u = resp.usage(100, 20, cfg)
     assert u["active_params_per_token"] == active
     assert u["flops"]["spent"] == 2 * active * 120
     assert u["flops"]["dense_equivalent"] == 2 * total * 120
@@ -563,9 +570,9 @@ def checkpoint_params(path) -> int:
 )
 def test_param_counts_match_the_checkpoint(make_checkpoint, kw):
     path = make_checkpoint(**kw)
-    assert op.param_counts(ModelConfig.from_dir(path))[0] == checkpoint_params(path)
+    assert resp.param_counts(ModelConfig.from_dir(path))[0] == checkpoint_params(path)
 
 
 def test_sse():
-    assert op.sse({"a": "é"}) == 'data: {"a":"é"}\n\n'
-    assert op.SSE_DONE == "data: [DONE]\n\n"
+    assert resp.sse({"a": "é"}) == 'data: {"a":"é"}\n\n'
+    assert resp.SSE_DONE == "data: [DONE]\n\n"

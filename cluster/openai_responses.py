@@ -1,0 +1,213 @@
+"""OpenAI's response shapes: completions, chunks, logprobs, usage (pure; no Ray, no FastAPI)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from expertmesh.ernie.config import ModelConfig
+
+from .openai_protocol import MIN_LOGPROB
+from .textstream import Delta, TextStream, TokenInfo, token_bytes, token_text
+
+# -- responses --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Header:
+    """What every object of one response shares."""
+
+    id: str
+    model: str
+    created: int
+
+    @classmethod
+    def new(cls, prefix: str, model: str) -> Header:
+        return cls(f"{prefix}-{secrets.token_hex(16)}", model, int(time.time()))
+
+    def obj(self, kind: str, **fields) -> dict:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            **fields,
+        }
+
+
+def chat_header(model: str) -> Header:
+    return Header.new("chatcmpl", model)
+
+
+def completion_header(model: str) -> Header:
+    return Header.new("cmpl", model)
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event; the app ends a stream with SSE_DONE."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def _lp(logprob: float | None) -> float:
+    return MIN_LOGPROB if logprob is None else max(float(logprob), MIN_LOGPROB)
+
+
+def _chat_entry(tokenizer, token_id: int, logprob: float | None) -> dict:
+    raw = token_bytes(tokenizer, token_id)
+    token = raw.decode("utf-8", errors="backslashreplace")
+    return {"token": token, "logprob": _lp(logprob), "bytes": list(raw)}
+
+
+def chat_logprobs(tokens: list[TokenInfo], tokenizer) -> dict:
+    """`choice.logprobs` of the chat format."""
+    content = [
+        {
+            **_chat_entry(tokenizer, t.token_id, t.logprob),
+            "top_logprobs": [_chat_entry(tokenizer, i, lp) for i, lp in t.top_logprobs or []],
+        }
+        for t in tokens
+    ]
+    return {"content": content}
+
+
+def completion_logprobs(tokens: list[TokenInfo], tokenizer) -> dict:
+    """`choice.logprobs` of the completions format; each top dict holds the chosen token too."""
+    names = [token_text(tokenizer, t.token_id) for t in tokens]
+    tops = [
+        {name: _lp(t.logprob)}
+        | {token_text(tokenizer, i): _lp(lp) for i, lp in t.top_logprobs or []}
+        for name, t in zip(names, tokens)
+    ]
+    return {
+        "tokens": names,
+        "token_logprobs": [_lp(t.logprob) for t in tokens],
+        "top_logprobs": tops,
+        "text_offset": [t.offset for t in tokens],
+    }
+
+
+def _with_experts(choice: dict, req, tokens: list[TokenInfo]) -> dict:
+    if req.return_routed_experts:
+        choice["routed_experts"] = [t.routed_experts for t in tokens]
+    return choice
+
+
+def chat_choice(req, index: int, stream: TextStream, reason: str | None, tokenizer) -> dict:
+    """One choice of a chat.completion; `reason` from `finish_reason`."""
+    logprobs = chat_logprobs(stream.tokens, tokenizer) if req.logprobs else None
+    message = {"role": "assistant", "content": stream.text}
+    choice = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+    return _with_experts(choice, req, stream.tokens)
+
+
+def chat_completion(header: Header, choices: list[dict], usage: dict) -> dict:
+    return header.obj("chat.completion", choices=choices, usage=usage)
+
+
+def _chat_chunk(header: Header, choices: list[dict], **fields) -> dict:
+    return header.obj("chat.completion.chunk", choices=choices, **fields)
+
+
+def chat_role_chunk(header: Header, index: int) -> dict:
+    """The first chunk of each choice."""
+    delta = {"role": "assistant", "content": ""}
+    return _chat_chunk(header, [{"index": index, "delta": delta, "logprobs": None}])
+
+
+def chat_delta_chunk(header: Header, req, index: int, delta: Delta, tokenizer) -> dict | None:
+    """A content chunk, or None when the delta released nothing."""
+    if not delta.text and not delta.tokens:
+        return None
+    logprobs = chat_logprobs(delta.tokens, tokenizer) if req.logprobs else None
+    choice = {"index": index, "delta": {"content": delta.text}, "logprobs": logprobs}
+    return _chat_chunk(header, [_with_experts(choice, req, delta.tokens)])
+
+
+def chat_finish_chunk(header: Header, index: int, reason: str | None) -> dict:
+    choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+    return _chat_chunk(header, [choice])
+
+
+def chat_usage_chunk(header: Header, usage: dict) -> dict:
+    """The last chunk when stream_options.include_usage."""
+    return _chat_chunk(header, [], usage=usage)
+
+
+def completion_choice(req, index: int, stream: TextStream, reason: str | None, tokenizer) -> dict:
+    logprobs = None if req.logprobs is None else completion_logprobs(stream.tokens, tokenizer)
+    choice = {"index": index, "text": stream.text, "logprobs": logprobs, "finish_reason": reason}
+    return _with_experts(choice, req, stream.tokens)
+
+
+def completion_response(header: Header, choices: list[dict], usage: dict) -> dict:
+    return header.obj("text_completion", choices=choices, usage=usage)
+
+
+def completion_chunk(
+    header: Header, req, index: int, delta: Delta, tokenizer, reason: str | None = None
+) -> dict | None:
+    """A streamed piece of one choice; None when there is neither text nor a finish_reason."""
+    if not delta.text and not delta.tokens and reason is None:
+        return None
+    logprobs = None if req.logprobs is None else completion_logprobs(delta.tokens, tokenizer)
+    choice = {"index": index, "text": delta.text, "logprobs": logprobs, "finish_reason": reason}
+    return header.obj("text_completion", choices=[_with_experts(choice, req, delta.tokens)])
+
+
+def completion_usage_chunk(header: Header, usage: dict) -> dict:
+    return header.obj("text_completion", choices=[], usage=usage)
+
+
+# -- usage and parameter counts ---------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def param_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameters; active counts top_k routed experts of each layer."""
+    h, v = cfg.hidden_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    bias = cfg.use_bias
+    attn = h * (2 * q + 2 * kv) + (q + 2 * kv + h if bias else 0) + 2 * h  # qkvo + 2 norms
+    expert = 3 * h * cfg.moe_intermediate_size  # gate, up, down; routed experts have no bias
+    shared = cfg.num_shared_experts * expert + (
+        (2 * cfg.num_shared_experts * cfg.moe_intermediate_size + h) if bias else 0
+    )
+    router = cfg.num_experts * h + cfg.num_experts  # gate + correction bias
+    dense = 3 * h * cfg.intermediate_size + ((2 * cfg.intermediate_size + h) if bias else 0)
+    n_moe = len(cfg.moe_layers)
+    n_dense = cfg.num_layers - n_moe
+    head = (0 if cfg.tie_word_embeddings else v * h) + (v if bias else 0)
+    common = v * h + head + h + cfg.num_layers * attn + n_dense * dense + n_moe * (shared + router)
+    total = common + n_moe * cfg.num_experts * expert
+    active = common + n_moe * cfg.top_k * expert
+    return total, active
+
+
+def usage(prompt_tokens: int, completion_tokens: int, model_cfg: ModelConfig) -> dict:
+    """OpenAI's usage plus `active_params_per_token` and `flops`.
+
+    flops = 2 x (parameters each token multiplies by) x tokens: the weight matmuls of
+    prompt and output tokens, attention scores excluded. The input embedding is a lookup, so
+    an untied embedding table is left out; a tied one counts once, as the lm_head.
+    `dense_equivalent` is the same for a dense model with every expert active.
+    """
+    total, active = param_counts(model_cfg)
+    lookup = 0 if model_cfg.tie_word_embeddings else model_cfg.vocab_size * model_cfg.hidden_size
+    tokens = prompt_tokens + completion_tokens
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": tokens,
+        "active_params_per_token": active,
+        "flops": {
+            "spent": 2 * (active - lookup) * tokens,
+            "dense_equivalent": 2 * (total - lookup) * tokens,
+        },
+    }
