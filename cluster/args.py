@@ -210,21 +210,6 @@ class ServeArgs(BaseModel):
         shared = set(ClusterConfig.model_fields) & set(type(self).model_fields) - {"model"}
         return ClusterConfig(model=model, **self.model_dump(include=shared))
 
-        return ClusterConfig(
-            model=model,
-            workers=self.workers,
-            transport=self.transport,
-            dtype=self.dtype,
-            device=self.device,
-            expert_map=self.expert_map,
-            max_waiting=self.max_waiting,
-            max_num_seqs=self.max_num_seqs,
-            kv_cache_tokens=self.kv_cache_tokens,
-            max_model_len=self.max_model_len,
-            max_worker_restarts=self.max_worker_restarts,
-            restart_timeout_s=self.restart_timeout_s,
-        )
-
 
 class BenchHttpArgs(BaseModel):
     url: str | None = Field(

@@ -200,10 +200,8 @@ class Ingress:
         await self._start(choices)
         header = resp.chat_header(self.model_name)
         if req.stream:
-            return StreamingResponse(
-                self._chat_sse(req, header, choices, len(prompt), t0),
-                media_type="text/event-stream",
-            )
+            chunks = self._chat_chunks(req, header, choices, len(prompt))
+            return self._sse("chat", chunks, choices, len(prompt), t0)
         try:
             reasons = [await c.run_to_end() for c in choices]
         finally:
@@ -214,26 +212,17 @@ class Ingress:
         ]
         return resp.chat_completion(header, out, self._usage(len(prompt), choices))
 
-    async def _chat_sse(self, req, header, choices: list[Choice], prompt_tokens: int, t0: float):
-        try:
-            for c in choices:
-                yield resp.sse(resp.chat_role_chunk(header, c.index))
-            async for c, delta, reason in merged(choices):
-                chunk = resp.chat_delta_chunk(header, req, c.index, delta, self.tokenizer)
-                if chunk is not None:
-                    yield resp.sse(chunk)
-                if reason is not None:
-                    yield resp.sse(resp.chat_finish_chunk(header, c.index, reason))
-            if req.include_usage:
-                yield resp.sse(resp.chat_usage_chunk(header, self._usage(prompt_tokens, choices)))
-            yield resp.SSE_DONE
-        except op.APIError as e:  # mid-stream: the status line is gone, send the error event
-            yield resp.sse(e.body())
-            yield resp.SSE_DONE
-        finally:
-            for c in choices:
-                c.cancel()
-            self._observe("chat", 200, t0, choices, prompt_tokens)
+    async def _chat_chunks(self, req, header, choices: list[Choice], prompt_tokens: int):
+        for c in choices:
+            yield resp.chat_role_chunk(header, c.index)
+        async for c, delta, reason in merged(choices):
+            chunk = resp.chat_delta_chunk(header, req, c.index, delta, self.tokenizer)
+            if chunk is not None:
+                yield chunk
+            if reason is not None:
+                yield resp.chat_finish_chunk(header, c.index, reason)
+        if req.include_usage:
+            yield resp.chat_usage_chunk(header, self._usage(prompt_tokens, choices))
 
     # -- completions ------------------------------------------------------------------------
 
@@ -253,10 +242,8 @@ class Ingress:
         prompt_tokens = sum(len(p) for p in prompts)
         header = resp.completion_header(self.model_name)
         if req.stream:
-            return StreamingResponse(
-                self._completion_sse(req, header, choices, prompt_tokens, t0),
-                media_type="text/event-stream",
-            )
+            chunks = self._completion_chunks(req, header, choices, prompt_tokens)
+            return self._sse("completions", chunks, choices, prompt_tokens, t0)
         try:
             reasons = [await c.run_to_end() for c in choices]
         finally:
@@ -267,26 +254,31 @@ class Ingress:
         ]
         return resp.completion_response(header, out, self._usage(prompt_tokens, choices))
 
-    async def _completion_sse(
-        self, req, header, choices: list[Choice], prompt_tokens: int, t0: float
-    ):
-        try:
-            async for c, delta, reason in merged(choices):
-                chunk = resp.completion_chunk(header, req, c.index, delta, self.tokenizer, reason)
-                if chunk is not None:
+    async def _completion_chunks(self, req, header, choices: list[Choice], prompt_tokens: int):
+        async for c, delta, reason in merged(choices):
+            chunk = resp.completion_chunk(header, req, c.index, delta, self.tokenizer, reason)
+            if chunk is not None:
+                yield chunk
+        if req.include_usage:
+            yield resp.completion_usage_chunk(header, self._usage(prompt_tokens, choices))
+
+    def _sse(self, endpoint: str, chunks, choices: list[Choice], prompt_tokens: int, t0: float):
+        """Server-sent events of `chunks`, then [DONE]; a mid-stream error becomes an error event
+        (the status line is already sent); a closed stream cancels every choice."""
+
+        async def events():
+            try:
+                async for chunk in chunks:
                     yield resp.sse(chunk)
-            if req.include_usage:
-                yield resp.sse(
-                    resp.completion_usage_chunk(header, self._usage(prompt_tokens, choices))
-                )
+            except op.APIError as e:
+                yield resp.sse(e.body())
+            finally:
+                for c in choices:
+                    c.cancel()
+                self._observe(endpoint, 200, t0, choices, prompt_tokens)
             yield resp.SSE_DONE
-        except op.APIError as e:
-            yield resp.sse(e.body())
-            yield resp.SSE_DONE
-        finally:
-            for c in choices:
-                c.cancel()
-            self._observe("completions", 200, t0, choices, prompt_tokens)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     def _usage(self, prompt_tokens: int, choices: list[Choice]) -> dict:
         completion_tokens = sum(c.stream.num_tokens for c in choices)
