@@ -31,6 +31,8 @@ def free_port(host: str) -> int:
 
 
 class WorkerSet:
+    probe_s = 3.0  # a worker that cannot answer ready() this fast during recovery counts as hung
+
     def __init__(self, cfg: ClusterConfig, placement: ExpertPlacement, gpus_per_worker: float = 0):
         self.cfg, self.placement = cfg, placement
         self.gpus_per_worker = gpus_per_worker
@@ -143,22 +145,28 @@ class WorkerSet:
         log.warning("workers %s are back", sorted(failure.workers))
 
     def _await_restart(self, w: int, deadline: float) -> None:
-        """Wait for a new incarnation of worker w; kill it first if the old one is still alive."""
-        old_pid = self.infos[w]["pid"]
+        """Wait for a new incarnation of worker w. One that is still alive (it answers with its
+        old pid) or hung (it does not answer at all) is killed once, so that Ray restarts it."""
+        old_pid, killed = self.infos[w]["pid"], False
         while (left := deadline - time.monotonic()) > 0:
             try:
-                info = ray.get(self.actors[w].ready.remote(), timeout=min(left, 5))
-            except (RayActorError, GetTimeoutError) as e:
+                info = ray.get(self.actors[w].ready.remote(), timeout=min(left, self.probe_s))
+            except RayActorError as e:  # dead, or restarting: Ray will bring it back
                 log.info("worker %d not back yet: %s", w, type(e).__name__)
                 time.sleep(0.1)
                 continue
-            if info["pid"] == old_pid:  # alive but failed the exchange: hung or broken
-                log.warning("worker %d (pid %d) is alive but failed; restarting it", w, old_pid)
+            except GetTimeoutError:
+                info = None  # hung, or still loading its shard after a restart
+            if info is not None and info["pid"] != old_pid:
+                self.infos[w] = info
+                return
+            if not killed:
+                log.warning(
+                    "worker %d (pid %d) is alive but failed or hung; restarting it", w, old_pid
+                )
                 ray.kill(self.actors[w], no_restart=False)
-                time.sleep(0.2)
-                continue
-            self.infos[w] = info
-            return
+                killed = True
+            time.sleep(0.2)
         raise WorkerUnavailable(
             f"expert worker {w} did not come back within {self.cfg.restart_timeout_s:.0f}s"
         )

@@ -98,6 +98,34 @@ def test_sigkill_of_a_worker_mid_generation(make_checkpoint, gateway, transport)
     assert again == want
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_hung_worker_is_restarted(make_checkpoint, gateway, transport):
+    """SIGSTOP: the process lives but answers nothing; the exchange deadline catches it."""
+    path = make_checkpoint(**CONFIGS["top2of8-shared1"])
+    prompt = [8, 30, 2, 77]
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    want = LLMEngine.from_checkpoint(path).generate([prompt], params)[0].token_ids
+    h = gateway(model=str(path), workers=2, transport=transport, rpc_timeout_s=2)
+    victim = ray.get(h.actor.worker_infos.remote())[0]["pid"]
+    stopped = []
+
+    def freeze_once(n):
+        if n >= 6 and not stopped:
+            os.kill(victim, signal.SIGSTOP)
+            stopped.append(n)
+
+    try:
+        events = stream(h.actor, prompt, params, freeze_once)
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)  # never leave a stopped process behind
+        except ProcessLookupError:
+            pass
+    assert stopped
+    assert [e["token_id"] for e in events] == want
+    assert ray.get(h.actor.worker_infos.remote())[0]["pid"] != victim
+
+
 def test_worker_that_never_returns_ends_requests_with_an_error(make_checkpoint, gateway):
     path = make_checkpoint(**CONFIGS["top2of8-shared1"])
     h = gateway(
