@@ -99,3 +99,41 @@ def test_bfloat16_runs_close_to_fp32(make_checkpoint):
     # bf16 keeps ~3 significant digits; the argmax mostly agrees
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
     assert agree >= 0.8
+
+
+def test_checkpoint_written_by_transformers(tmp_path):
+    """A checkpoint from transformers' save_pretrained (rope_parameters, its own sharding)."""
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Ernie4_5_MoeConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=16,
+        vocab_size=300,
+        moe_num_experts=6,
+        moe_k=3,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    model = Ernie4_5_MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "e_score_correction_bias" in name:
+                p.uniform_(-0.05, 0.05)
+            elif p.dim() > 1:
+                p.normal_(0, 0.15)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    engine = LLMEngine.from_checkpoint(tmp_path, num_shards=3)
+    prompts = prompts_of([1, 9, 30], 300, seed=4)
+    for prompt, got in zip(prompts, engine.score(prompts)):
+        assert (got - ref_logits(tmp_path, prompt)).abs().max() <= TOL
+    outs = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0))
+    assert [o.token_ids for o in outs] == [ref_greedy(tmp_path, p, 16) for p in prompts]
