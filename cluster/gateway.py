@@ -102,7 +102,7 @@ class Gateway:
                 while not queue.empty():
                     batch.append(queue.get_nowait())
                 finished = batch[-1].finish_reason is not None
-                yield [dataclasses.asdict(ev) for ev in batch]
+                yield [vars(ev).copy() for ev in batch]  # shallow: events are not reused
         finally:
             if not finished:
                 self.loop.abort(rid)
