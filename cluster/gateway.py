@@ -72,6 +72,7 @@ class Gateway:
             engine = LLMEngine(model, dispatcher, self.model_cfg, engine_cfg)
         self.loop = EngineLoop(engine)
         self._probe: tuple[float, bool] = (0.0, True)  # (when, workers answered)
+        self._channels: dict[str, dict] = {}  # ingress streams: queue and open request ids
         log.info("gateway ready: %s transport, %d workers", cfg.transport, placement.num_shards)
 
     # -- requests ---------------------------------------------------------------------------
@@ -106,6 +107,50 @@ class Gateway:
         finally:
             if not finished:
                 self.loop.abort(rid)
+
+    # -- multiplexed streams: one per ingress replica, carrying all of its requests ---------
+
+    def _channel(self, channel_id: str) -> dict:
+        return self._channels.setdefault(channel_id, {"queue": asyncio.Queue(), "rids": set()})
+
+    async def submit(
+        self, prompt_ids: list[int], params: dict, request_id: str, channel_id: str
+    ) -> dict | None:
+        """Queue a request whose events go to `channel_id`; an error event dict if refused."""
+        refusal = await self._refusal(request_id)
+        if refusal is not None:
+            return vars(refusal).copy()
+        ch = self._channel(channel_id)
+        ch["rids"].add(request_id)
+        loop = asyncio.get_running_loop()
+        self.loop.submit(
+            request_id,
+            prompt_ids,
+            SamplingParams(**params),
+            lambda ev: loop.call_soon_threadsafe(ch["queue"].put_nowait, ev),
+        )
+        return None
+
+    async def channel(self, channel_id: str) -> AsyncIterator[list[dict]]:
+        """The events of every request submitted to `channel_id`, in batches as they come.
+
+        One stream item per step for all of an ingress replica's requests, instead of one per
+        request per token. Closing the stream aborts the channel's unfinished requests.
+        """
+        ch = self._channel(channel_id)
+        try:
+            while True:
+                batch = [await ch["queue"].get()]
+                while not ch["queue"].empty():
+                    batch.append(ch["queue"].get_nowait())
+                for ev in batch:
+                    if ev.finish_reason is not None:
+                        ch["rids"].discard(ev.request_id)
+                yield [vars(ev).copy() for ev in batch]
+        finally:
+            for rid in ch["rids"]:
+                self.loop.abort(rid)
+            self._channels.pop(channel_id, None)
 
     async def generate_all(self, prompts: list[list[int]], params: list[dict]) -> list[list[dict]]:
         """Run several requests concurrently to completion; all events of each, in order."""

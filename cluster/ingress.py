@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import openai_protocol as op
 from . import openai_responses as resp
 from .args import ServeArgs
-from .choices import Choice, merged
+from .choices import Choice, Mux, merged
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ async def _json_body(request: Request):
 class Ingress:
     def __init__(self, gateway, args: dict, model_path: str, model_name: str):
         self.gateway = gateway
+        self.mux = Mux(gateway)
         self.args = ServeArgs.model_validate(args)
         self.keys = self.args.keys()
         self.model_name = model_name
@@ -107,6 +108,7 @@ class Ingress:
         return [
             Choice(
                 self.gateway,
+                self.mux,
                 prompt,
                 op.sampling_params(req, i, self.args.default_max_tokens),
                 op.text_stream(req, self.tokenizer, eos),
