@@ -206,7 +206,8 @@ class Ingress:
             return self._sse("chat", chunks, choices, len(prompt), t0)
         try:
             reasons = [await c.run_to_end() for c in choices]
-        finally:
+        finally:  # a client gone mid-way cancels the handler: end its choices too
+            self._end(choices)
             self._observe("chat", 200, t0, choices, len(prompt))
         out = [
             resp.chat_choice(req, c.index, c.stream, r, self.tokenizer)
@@ -248,7 +249,8 @@ class Ingress:
             return self._sse("completions", chunks, choices, prompt_tokens, t0)
         try:
             reasons = [await c.run_to_end() for c in choices]
-        finally:
+        finally:  # a client gone mid-way cancels the handler: end its choices too
+            self._end(choices)
             self._observe("completions", 200, t0, choices, prompt_tokens)
         out = [
             resp.completion_choice(req, c.index, c.stream, r, self.tokenizer)
@@ -275,12 +277,16 @@ class Ingress:
             except op.APIError as e:
                 yield resp.sse(e.body())
             finally:
-                for c in choices:
-                    c.cancel()
+                self._end(choices)
                 self._observe(endpoint, 200, t0, choices, prompt_tokens)
             yield resp.SSE_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    @staticmethod
+    def _end(choices: list[Choice]) -> None:
+        for c in choices:
+            c.cancel()  # aborts only those still running
 
     def _usage(self, prompt_tokens: int, choices: list[Choice]) -> dict:
         completion_tokens = sum(c.stream.num_tokens for c in choices)

@@ -329,6 +329,13 @@ def test_queue_full_and_workers_down(ckpt, tmp_path):
         release.set()
         for t in threads:
             t.join(120)
+        # a non-streaming client that gives up frees the one slot: the next request runs now
+        # (were the dropped one left running, 3000 tokens would hold the slot for ~45 s)
+        long = {"model": str(ckpt), "messages": MSGS, "max_tokens": 3000, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/chat/completions", json=long, timeout=1.0)
+        short = {"model": str(ckpt), "messages": MSGS, "max_tokens": 4}
+        assert httpx.post(s.url + "/v1/chat/completions", json=short, timeout=20).status_code == 200
         pid = max(_worker_pids(s))
         os.kill(pid, signal.SIGKILL)
         body = {"model": str(ckpt), "messages": MSGS, "max_tokens": 2}
