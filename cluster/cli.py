@@ -142,35 +142,38 @@ def cmd_serve(a: ServeArgs) -> int:
     return run_server(a)
 
 
+def _command(sub, name: str, help: str, args_model, run) -> None:
+    """A subcommand whose flags are the fields of `args_model`."""
+    p = sub.add_parser(name, help=help)
+    add_args(p, args_model)
+    p.set_defaults(args_model=args_model, run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-
-    tiny = sub.add_parser("make-tiny", help="write a small random ERNIE 4.5 MoE checkpoint")
-    add_args(tiny, TinyArgs)
-    tiny.set_defaults(args_model=TinyArgs, run=cmd_make_tiny)
-
-    gen = sub.add_parser("generate", help="offline generation from a prompt")
-    add_args(gen, GenerateArgs)
-    gen.set_defaults(args_model=GenerateArgs, run=cmd_generate)
-
-    srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server on Ray Serve")
-    add_args(srv, ServeArgs)
-    srv.set_defaults(args_model=ServeArgs, run=cmd_serve)
-
-    chat = sub.add_parser("chat", help="chat in the terminal with a running expertmesh server")
-    add_args(chat, ChatArgs)
-    chat.set_defaults(args_model=ChatArgs, run=lambda a: run_chat(**a.model_dump()))
-
-    bench = sub.add_parser("bench", help="benchmarks that print numbers")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    be = bench_sub.add_parser("engine", help="decode throughput against a baseline")
-    add_args(be, BenchEngineArgs)
-    be.set_defaults(args_model=BenchEngineArgs, run=cmd_bench_engine)
-    bh = bench_sub.add_parser("http", help="throughput and TTFT through the HTTP API")
-    add_args(bh, BenchHttpArgs)
-    bh.set_defaults(args_model=BenchHttpArgs, run=cmd_bench_http)
+    _command(
+        sub, "make-tiny", "write a small random ERNIE 4.5 MoE checkpoint", TinyArgs, cmd_make_tiny
+    )
+    _command(sub, "generate", "offline generation from a prompt", GenerateArgs, cmd_generate)
+    _command(sub, "serve", "the OpenAI-compatible HTTP server on Ray Serve", ServeArgs, cmd_serve)
+    _command(
+        sub,
+        "chat",
+        "chat in the terminal with a running expertmesh server",
+        ChatArgs,
+        lambda a: run_chat(**a.model_dump()),
+    )
+    bench = sub.add_parser("bench", help="benchmarks that print numbers").add_subparsers(
+        dest="bench", required=True
+    )
+    _command(
+        bench, "engine", "decode throughput against a baseline", BenchEngineArgs, cmd_bench_engine
+    )
+    _command(
+        bench, "http", "throughput and TTFT through the HTTP API", BenchHttpArgs, cmd_bench_http
+    )
     return p
 
 
