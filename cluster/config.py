@@ -1,10 +1,20 @@
-"""The cluster's typed config: what a gateway and its expert workers are made of."""
+"""The one config chain: `ClusterConfig` (a gateway and its expert workers) and `ServeArgs`.
+
+`ClusterConfig` owns every engine and placement field, once. `ServeArgs` is a `ClusterConfig`
+plus the fields of the HTTP edge, so each of those fields is a `serve` flag, a key of a Serve
+config's `args` and of a RayService's `serveConfigV2`; the engine config is derived from it.
+Unknown keys are refused by name (`extra="forbid"`), never silently dropped.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 from expertmesh.router.engine import EngineConfig
+from expertmesh.workers.placement import ExpertPlacement
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -48,6 +58,17 @@ class ClusterConfig(BaseModel):
     )
     max_worker_restarts: int = Field(20, ge=0, description="Ray restarts of each worker actor")
 
+    @property
+    def in_process(self) -> bool:
+        """Whether the experts live in the gateway's process (no worker actors)."""
+        return self.transport == "local"
+
+    def placement(self, num_experts: int) -> ExpertPlacement:
+        """Which worker owns each expert: `expert_map`, else contiguous blocks."""
+        if self.expert_map:
+            return ExpertPlacement.from_map(self.expert_map, num_experts)
+        return ExpertPlacement.contiguous(num_experts, self.workers)
+
     def engine_config(self, device: str) -> EngineConfig:
         return EngineConfig(
             dtype=self.dtype,
@@ -58,3 +79,77 @@ class ClusterConfig(BaseModel):
             kv_cache_tokens=self.kv_cache_tokens,
             max_model_len=self.max_model_len,
         )
+
+
+class ServeArgs(ClusterConfig):
+    """`expertmesh serve` flags and the `args` of `build_app` (Serve config files)."""
+
+    model: str | None = Field(
+        None, description="checkpoint directory; default: the built-in tiny model"
+    )
+    served_model_name: str | None = Field(
+        None, description="model id in the API; default: --model as given"
+    )
+    api_keys: list[str] = Field(
+        [],
+        description="an accepted API key, repeatable (also EXPERTMESH_API_KEYS, comma-separated); none: no auth",
+        json_schema_extra={"flag": "--api-key", "action": "append"},
+    )
+    address: str | None = Field(
+        None, description="Ray cluster to join; default: a local Ray on 127.0.0.1"
+    )
+    min_replicas: int = Field(1, ge=1, description="ingress replicas at least")
+    max_replicas: int = Field(2, ge=1, description="ingress replicas at most")
+    target_ongoing_requests: int = Field(
+        64, ge=1, description="autoscaling target per ingress replica"
+    )
+    max_ongoing_requests: int = Field(
+        512, ge=1, description="requests one ingress replica takes at once"
+    )
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens of chat requests that give none"
+    )
+    host: str = Field("127.0.0.1", description="HTTP host")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+
+    def keys(self) -> set[str]:
+        env = os.environ.get("EXPERTMESH_API_KEYS", "")
+        return set(self.api_keys) | {k.strip() for k in env.split(",") if k.strip()}
+
+    def resolve_model(self) -> tuple[str, str]:
+        """(checkpoint path, served model id); no --model means the built-in model."""
+        if self.model:
+            path = str(Path(self.model).expanduser())
+            return path, self.served_model_name or self.model
+        return str(builtin_model_dir()), self.served_model_name or BUILTIN_NAME
+
+    def cluster_config(self, model: str | None = None) -> ClusterConfig:
+        """The ClusterConfig part of these args, with the resolved checkpoint path."""
+        fields = self.model_dump(include=set(ClusterConfig.model_fields))
+        return ClusterConfig(**{**fields, "model": model or self.resolve_model()[0]})
+
+
+BUILTIN_NAME = "ernie-tiny"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("EXPERTMESH_HOME", Path.home() / ".cache" / "expertmesh"))
+
+
+def builtin_model_dir() -> Path:
+    """The built-in default model: a small random ERNIE 4.5 MoE, made on first use."""
+    path = default_home() / BUILTIN_NAME
+    if (path / "config.json").is_file():
+        return path
+    from expertmesh.ernie.tiny import make_tiny
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tiny-"))
+    make_tiny(tmp, seed=0)
+    try:
+        os.rename(tmp, path)  # atomic: a concurrent maker's copy wins, ours is dropped
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -16,20 +16,9 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class CheckpointError(ValueError):
     """A tensor is missing or has the wrong shape, or the checkpoint files are unreadable."""
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    key = str(name).removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[key]
 
 
 class CheckpointReader:

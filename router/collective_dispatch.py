@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from expertmesh.ernie.devices import dtype_code
 from expertmesh.workers.collective import (
-    DTYPES,
     HEADER,
     Command,
     Group,
@@ -141,7 +141,7 @@ class CollectiveDispatcher(Dispatcher):
         g, n = self.group, ex.counts
         first = next(iter(parts.values()))
         hidden, k, dtype = first.x.shape[1], first.expert_ids.shape[1], first.x.dtype
-        code = DTYPES.index(dtype)
+        code = dtype_code(dtype)
         ex.works.append(self._send_headers([[Command.LAYER, layer, c, hidden, k, code] for c in n]))
         empty = torch.empty(0, dtype=torch.uint8, device=g.device)
         msgs = [

@@ -143,3 +143,22 @@ class LocalDispatcher(Dispatcher):
 
     def _receive(self, pending: Pending) -> dict[int, torch.Tensor]:
         return pending.handle
+
+
+def time_exchange(dispatcher: Dispatcher, model_cfg, rows: int, repeats: int, dtype) -> float:
+    """Median seconds of one MoE-layer exchange of `rows` tokens with random routing."""
+    import statistics
+    import time
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, model_cfg.hidden_size, generator=g).to(dtype)  # [rows, H]
+    probs = torch.randn(rows, model_cfg.num_experts, generator=g).softmax(-1)
+    weights, ids = probs.topk(model_cfg.top_k, dim=-1)  # [rows, k]
+    layer = model_cfg.moe_layers[0]
+    dispatcher(layer, x, ids, weights)  # warm-up
+    times = []
+    for _ in range(max(repeats, 20)):
+        t0 = time.perf_counter()
+        dispatcher(layer, x, ids, weights)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

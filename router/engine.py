@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from expertmesh.ernie.checkpoint import CheckpointReader, parse_dtype
+from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
+from expertmesh.ernie.devices import compute_dtype
 from expertmesh.workers.experts import ExpertShard
 from expertmesh.workers.placement import ExpertPlacement
 
 from .batch import build_step
 from .dispatch import Dispatcher, LocalDispatcher
+from .events import ErrorKind, TokenEvent, error_event
 from .model import GatewayModel
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
@@ -39,27 +41,11 @@ class EngineConfig:
     # checkpoint's max_position_embeddings and the cache budget
 
     def torch_dtype(self, model_cfg: ModelConfig) -> torch.dtype:
-        if self.dtype != "auto":
-            return parse_dtype(self.dtype)
-        if torch.device(self.device).type == "cpu":
-            return torch.float32
-        return parse_dtype(model_cfg.dtype)
+        return compute_dtype(self.dtype, self.device, model_cfg.dtype)
 
 
 class RequestError(ValueError):
     """A request the engine cannot take: bad token ids, too long a prompt, a duplicate id."""
-
-
-@dataclass
-class TokenEvent:
-    request_id: str
-    token_id: int | None  # None when the request ended without a new token (abort, error)
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    routed_experts: list[list[int]] | None = None  # [moe_layers][k] for this token
-    finish_reason: str | None = None  # stop, length, abort, error
-    error: str | None = None  # why, when finish_reason is "error"
-    status: int | None = None  # with an error: the HTTP status it maps to (400, 429, 503...)
 
 
 @dataclass
@@ -174,14 +160,14 @@ class LLMEngine:
         self.scheduler.finish(req.seq)
         return True
 
-    def fail_running(self, message: str) -> list[TokenEvent]:
+    def fail_running(
+        self, message: str, kind: ErrorKind = ErrorKind.UNAVAILABLE
+    ) -> list[TokenEvent]:
         """End every running request with an error (its step could not be completed)."""
         events = []
         for seq in list(self.scheduler.running):
             self.abort(seq.seq_id)
-            events.append(
-                TokenEvent(seq.seq_id, None, finish_reason="error", error=message, status=503)
-            )
+            events.append(error_event(seq.seq_id, kind, message))
         return events
 
     def has_work(self) -> bool:

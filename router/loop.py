@@ -12,7 +12,8 @@ import threading
 from collections.abc import Callable, Sequence
 
 from .dispatch import WorkerUnavailable
-from .engine import LLMEngine, RequestError, TokenEvent
+from .engine import LLMEngine, RequestError
+from .events import ErrorKind, TokenEvent, error_event
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class EngineLoop:
             if self.engine.has_work() and not self._stopped.is_set():
                 self._deliver(self._step())
         for rid in list(self._listeners):
-            self._deliver([TokenEvent(rid, None, finish_reason="abort", error="engine stopped")])
+            self._deliver([error_event(rid, ErrorKind.UNAVAILABLE, "the engine stopped")])
 
     def _step(self) -> list[TokenEvent]:
         try:
@@ -77,25 +78,18 @@ class EngineLoop:
             return self.engine.fail_running(f"expert workers unavailable: {e}")
         except Exception as e:  # never let one bad step kill the loop
             log.exception("engine step failed")
-            events = self.engine.fail_running(f"internal error: {e}")
-            for ev in events:
-                ev.status = 500
-            return events
+            return self.engine.fail_running(f"internal error: {e}", ErrorKind.INTERNAL)
 
     def _handle(self, cmd: tuple) -> None:
         if cmd[0] == "add":
             _, rid, prompt, params, on_event = cmd
             if rid in self._listeners:
-                on_event(
-                    TokenEvent(
-                        rid, None, finish_reason="error", error=f"duplicate request id {rid!r}"
-                    )
-                )
+                on_event(error_event(rid, ErrorKind.INVALID, f"duplicate request id {rid!r}"))
                 return
             try:
                 self.engine.add_request(rid, prompt, params)
             except RequestError as e:
-                on_event(_error(rid, str(e), 400))
+                on_event(error_event(rid, ErrorKind.INVALID, str(e)))
                 return
             self._listeners[rid] = on_event
         elif cmd[0] == "abort":
@@ -114,7 +108,3 @@ class EngineLoop:
                 listener(ev)
             except Exception:
                 log.exception("listener of %s failed", ev.request_id)
-
-
-def _error(rid: str, message: str, status: int) -> TokenEvent:
-    return TokenEvent(rid, None, finish_reason="error", error=message, status=status)

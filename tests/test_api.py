@@ -17,7 +17,7 @@ from conftest import CONFIGS, reference_model
 from expertmesh.ernie.tokenizer import chat_prompt_ids, load_tokenizer
 from serving import Server
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 KEY = "sk-test"
 CONTEXT = 256
 

@@ -15,8 +15,8 @@ import time
 
 import pytest
 import uvicorn
-from expertmesh.cluster.args import add_args, parse
-from expertmesh.cluster.chat import ChatArgs, api_base, run_chat
+from expertmesh.cluster.cli.args import add_args, parse
+from expertmesh.cluster.cli.chat import ChatArgs, api_base, run_chat
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 

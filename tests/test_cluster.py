@@ -9,18 +9,19 @@ import asyncio
 import os
 import signal
 import time
+import uuid
 
 import pytest
 import ray
 from conftest import CONFIGS, prompts_of
+from expertmesh.cluster.cli.engine_factory import ClusterEngine
 from expertmesh.cluster.config import ClusterConfig
-from expertmesh.cluster.engines import ClusterEngine
-from expertmesh.cluster.launch import GatewayHandle, start_ray
+from expertmesh.cluster.runtime.launch import GatewayHandle, start_ray
 from expertmesh.router.engine import LLMEngine
 from expertmesh.router.sampling import SamplingParams
 from test_parity import ref_greedy
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 TRANSPORTS = ["grpc", "collective"]
 
 
@@ -46,13 +47,22 @@ def gateway():
 
 
 def stream(actor, prompt, params: SamplingParams, on_token=None):
-    """Consume a gateway stream from the driver; on_token(n) is called after each token."""
+    """Consume a request's events from the driver through a gateway channel (as the ingress
+    does); on_token(n) is called after each token."""
+    channel, rid = uuid.uuid4().hex, uuid.uuid4().hex
+    refusal = ray.get(actor.submit.remote(prompt, params, rid, channel))
+    if refusal is not None:
+        return [refusal]
     events = []
-    for ref in actor.generate.remote(prompt, params.__dict__):
+    gen = actor.channel.remote(channel)
+    for ref in gen:
         for ev in ray.get(ref):
             events.append(ev)
-            if on_token and ev["token_id"] is not None:
+            if on_token and ev.token_id is not None:
                 on_token(len(events))
+        if events[-1].finish_reason is not None:
+            break
+    ray.cancel(gen)
     return events
 
 
@@ -89,8 +99,8 @@ def test_sigkill_of_a_worker_mid_generation(make_checkpoint, gateway, transport)
 
     events = stream(h.actor, prompt, params, kill_once)
     assert killed and killed[0] < 64
-    assert [e["token_id"] for e in events] == want
-    assert events[-1]["finish_reason"] == "length"
+    assert [e.token_id for e in events] == want
+    assert events[-1].finish_reason == "length"
     new_pid = ray.get(h.actor.worker_infos.remote())[1]["pid"]
     assert new_pid != victim
     # the next request works too
@@ -122,7 +132,7 @@ def test_hung_worker_is_restarted(make_checkpoint, gateway, transport):
         except ProcessLookupError:
             pass
     assert stopped
-    assert [e["token_id"] for e in events] == want
+    assert [e.token_id for e in events] == want
     assert ray.get(h.actor.worker_infos.remote())[0]["pid"] != victim
 
 
@@ -136,8 +146,8 @@ def test_worker_that_never_returns_ends_requests_with_an_error(make_checkpoint, 
     t0 = time.monotonic()
     events = stream(h.actor, [5, 6], params, lambda n: n == 4 and os.kill(victim, signal.SIGKILL))
     assert time.monotonic() - t0 < 60
-    assert events[-1]["finish_reason"] == "error"
-    assert "did not come back" in events[-1]["error"]
+    assert events[-1].finish_reason == "error"
+    assert "did not come back" in events[-1].error
     assert not ray.get(h.actor.health.remote())["ready"]
 
 
@@ -157,10 +167,8 @@ def test_requests_arriving_at_different_times(make_checkpoint, gateway):
     async def run():
         async def one(i):
             await asyncio.sleep(0.02 * i)  # staggered arrivals join the running batch
-            events = []
-            async for ref in h.actor.generate.remote(prompts[i], params[i].__dict__):
-                events.extend(await ref)
-            return [e["token_id"] for e in events]
+            (events,) = await h.actor.generate_all.remote([prompts[i]], [params[i]])
+            return [e.token_id for e in events]
 
         return await asyncio.gather(*(one(i) for i in range(16)))
 

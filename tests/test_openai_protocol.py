@@ -9,11 +9,12 @@ import random
 import httpx
 import openai
 import pytest
-from expertmesh.cluster import openai_protocol as op
-from expertmesh.cluster import openai_responses as resp
-from expertmesh.cluster.textstream import TextStream, token_bytes, token_text
+from expertmesh.cluster.api import openai_protocol as op
+from expertmesh.cluster.api import openai_responses as resp
+from expertmesh.cluster.api.textstream import TextStream, token_bytes, token_text
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.ernie.tokenizer import load_tokenizer
+from expertmesh.router.events import ErrorKind, TokenEvent
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from safetensors import safe_open
@@ -356,10 +357,9 @@ def test_token_bytes(tok):
 
 def test_push_event(tok):
     s = TextStream(tok)
-    ev = {"request_id": "r", "token_id": tok.encode("Hi", add_special_tokens=False)[0]}
-    ev |= {"logprob": -1.0, "top_logprobs": [[5, -1.0]], "routed_experts": [[1, 2]]}
-    s.push_event(ev)
-    s.push_event({"request_id": "r", "token_id": None, "finish_reason": "abort"})
+    first = tok.encode("Hi", add_special_tokens=False)[0]
+    s.push_event(TokenEvent("r", first, -1.0, [[5, -1.0]], [[1, 2]]))
+    s.push_event(TokenEvent("r", None, finish_reason="abort"))
     s.finish()
     assert s.tokens[0].top_logprobs == [(5, -1.0)] and s.tokens[0].routed_experts == [[1, 2]]
 
@@ -502,19 +502,21 @@ def test_no_logprobs_when_not_asked(tok):
 
 def test_error_for_event():
     cases = [
-        ({"error": "expert workers unavailable: worker 1 died"}, 503, "service_unavailable"),
-        ({"error": "the prompt is empty"}, 400, "invalid_request_error"),
-        ({"error": "token ids [999] are outside the vocabulary [0, 448)"}, 400, None),
-        ({"error": "the waiting queue is full (8 requests)", "status": 429}, 429, None),
-        ({"error": "internal error: boom", "status": 500}, 500, "internal_error"),
-        ({"error": "internal error: boom"}, 500, None),
-        ({"error": "anything", "status": 400}, 400, None),
+        (
+            ErrorKind.UNAVAILABLE,
+            "expert workers unavailable: worker 1 died",
+            503,
+            "service_unavailable",
+        ),
+        (ErrorKind.INVALID, "the prompt is empty", 400, "invalid_request_error"),
+        (ErrorKind.OVERLOADED, "the waiting queue is full (8 requests)", 429, None),
+        (ErrorKind.INTERNAL, "internal error: boom", 500, "internal_error"),
+        (None, "no kind given", 500, "internal_error"),
     ]
-    for ev, status, type_ in cases:
-        err = op.error_for_event(
-            {"request_id": "r", "token_id": None, "finish_reason": "error", **ev}
-        )
-        assert err.status == status and err.message == ev["error"]
+    for kind, message, status, type_ in cases:
+        ev = TokenEvent("r", None, finish_reason="error", error=message, error_kind=kind)
+        err = op.error_for_event(ev)
+        assert err.status == status and err.message == message
         assert type_ is None or err.type == type_
     body = op.model_not_found("x").body()["error"]
     assert body["code"] == "model_not_found" and body["type"] == "not_found_error"

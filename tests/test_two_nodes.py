@@ -7,13 +7,13 @@ import os
 import pytest
 import ray
 from conftest import CONFIGS, prompts_of
+from expertmesh.cluster.cli.engine_factory import ClusterEngine
 from expertmesh.cluster.config import ClusterConfig
-from expertmesh.cluster.engines import ClusterEngine
-from expertmesh.cluster.launch import GatewayHandle
+from expertmesh.cluster.runtime.launch import GatewayHandle
 from expertmesh.router.engine import LLMEngine
 from expertmesh.router.sampling import SamplingParams
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

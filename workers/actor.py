@@ -13,7 +13,7 @@ import ray
 import torch
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
-from expertmesh.router.engine import EngineConfig
+from expertmesh.ernie.devices import compute_dtype, resolve_device
 
 from .experts import ExpertShard
 
@@ -23,6 +23,23 @@ log = logging.getLogger(__name__)
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _serve_grpc(worker: ExpertWorker) -> None:
+    from .grpc_server import start_expert_server
+
+    worker.server, port = start_expert_server(worker.shard, worker.index, host=worker.host)
+    worker.address = f"{worker.host}:{port}"
+
+
+def _serve_collective(worker: ExpertWorker) -> None:
+    from .collective import CollectiveWorker
+
+    worker.collective = CollectiveWorker(worker.shard)
+
+
+# how a worker is reached, per transport: started once its shard is loaded
+SERVERS = {"grpc": _serve_grpc, "collective": _serve_collective}
 
 
 class ExpertWorker:
@@ -38,26 +55,18 @@ class ExpertWorker:
         torch.set_num_threads(torch_threads)
         self.index = index
         self.rss_before_load = rss_bytes()
-        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.device = resolve_device("auto", gpu_assigned=bool(ray.get_gpu_ids()))
         cfg = ModelConfig.from_dir(model)
-        torch_dtype = EngineConfig(dtype=dtype, device=self.device).torch_dtype(cfg)
+        torch_dtype = compute_dtype(dtype, self.device, cfg.dtype)
         with CheckpointReader(model) as reader:
             self.shard = ExpertShard.load(
                 reader, cfg, experts, torch_dtype, self.device, progress=f"worker {index}"
             )
             self.bytes_read = reader.bytes_read
         self.host = ray.util.get_node_ip_address()
-        self.address = None
-        if transport == "grpc":
-            from .grpc_server import start_expert_server
-
-            self.server, port = start_expert_server(self.shard, index, host=self.host)
-            self.address = f"{self.host}:{port}"
-        self.collective = None
-        if transport == "collective":
-            from .collective import CollectiveWorker
-
-            self.collective = CollectiveWorker(self.shard)
+        self.address: str | None = None  # grpc: where its server listens
+        self.collective = None  # collective: the loop that run_collective() drives
+        SERVERS[transport](self)
         log.info(
             "worker %d ready: %d experts, %d bytes, %s",
             index,

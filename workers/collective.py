@@ -37,13 +37,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from expertmesh.ernie.devices import dtype_of_code
 
 from .experts import ExpertShard
 
 log = logging.getLogger(__name__)
 
 HEADER = 6  # int64 per worker: command, layer, rows, hidden, k, dtype code
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # dtype code = index
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0  # a worker waits this long for the next header
 
 
@@ -320,7 +320,7 @@ class CollectiveWorker:
 
     def _answer(self, layer: int, n: int, hidden: int, k: int, dtype_code: int) -> None:
         """Receive n rows, compute, send n pre-summed rows back (n may be 0)."""
-        dev, dtype = self.group.device, DTYPES[dtype_code]
+        dev, dtype = self.group.device, dtype_of_code(dtype_code)
         zeros = [0] * self.group.size
         buf = torch.empty(n * row_bytes(hidden, k, dtype), dtype=torch.uint8, device=dev)
         nothing = torch.empty(0, dtype=torch.uint8, device=dev)

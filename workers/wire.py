@@ -12,26 +12,12 @@ import sys
 import warnings
 
 import torch
+from expertmesh.ernie.devices import DTYPES, dtype_name
 from expertmesh.proto import expert_pb2
 
 if sys.byteorder != "little":  # the wire format is little-endian and bytes are sent as-is
     raise ImportError("expertmesh.workers.wire supports little-endian hosts only")
 
-DTYPES = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.float64,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-    )
-}
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # a prefill's rows can be hundreds of MB; protobuf caps at 2 GiB
 SERVER_OPTIONS = [
@@ -51,7 +37,7 @@ with warnings.catch_warnings():
 
 def tensor_to_proto(t: torch.Tensor) -> expert_pb2.Tensor:
     """Any supported dtype, any shape (empty and 0-d included); moves to CPU if needed."""
-    name = str(t.dtype).removeprefix("torch.")
+    name = dtype_name(t.dtype)
     if name not in DTYPES:
         raise TypeError(f"dtype {t.dtype} cannot go on the wire")
     flat = t.detach().to("cpu").contiguous().reshape(-1)  # [numel]

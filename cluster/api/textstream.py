@@ -89,13 +89,11 @@ class TextStream:
         self._decode(final=False)
         return self._after_decode(final=False)
 
-    def push_event(self, ev: dict) -> Delta:
-        """`push` from an engine event dict (`dataclasses.asdict(TokenEvent)`)."""
-        if ev.get("token_id") is None:
+    def push_event(self, ev) -> Delta:
+        """`push` from an engine `TokenEvent`."""
+        if ev.token_id is None:
             return Delta(stopped=self.stopped)
-        return self.push(
-            ev["token_id"], ev.get("logprob"), ev.get("top_logprobs"), ev.get("routed_experts")
-        )
+        return self.push(ev.token_id, ev.logprob, ev.top_logprobs, ev.routed_experts)
 
     def finish(self) -> Delta:
         """Generation ended: flush the held text (an incomplete character decodes as U+FFFD)."""

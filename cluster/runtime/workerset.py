@@ -1,33 +1,26 @@
-"""The gateway's expert workers: creating them, reaching them, and bringing them back.
+"""The gateway's expert workers as Ray actors: creating them, and waiting for them to come back.
 
-Workers are Ray actors placed in the bundles after the gateway's own in the current placement
-group. Recovery: a transport reports a `WorkerFailure`; we wait for Ray to restart the actor
-(killing it first if it is alive but hung), then reconnect the transport, and the dispatcher
-re-sends the lost exchange.
+Workers are placed in the bundles after the gateway's own in the current placement group.
+Recovery: a transport reports a `WorkerFailure`; the link asks us to wait for Ray to restart the
+actors (killing one first if it is alive but hung), then reconnects, and the dispatcher
+re-sends the lost exchange. Which transport the workers serve is the link's business.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
 import ray
-from expertmesh.router.dispatch import Dispatcher, WorkerFailure, WorkerUnavailable
+from expertmesh.router.dispatch import WorkerUnavailable
 from expertmesh.workers.actor import ExpertWorker
 from expertmesh.workers.placement import ExpertPlacement
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .config import ClusterConfig
+from ..config import ClusterConfig
 
 log = logging.getLogger(__name__)
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class WorkerSet:
@@ -39,7 +32,6 @@ class WorkerSet:
         self.pg = ray.util.get_current_placement_group()
         self.actors = [self._create(i) for i in range(placement.num_shards)]
         self.infos: list[dict] = []
-        self.dispatcher: Dispatcher | None = None
         self._loops: list = []  # collective: each worker's long-running serve call
 
     def _create(self, i: int):
@@ -74,49 +66,17 @@ class WorkerSet:
             log.info("worker %(index)d up: pid %(pid)d, %(nbytes)d bytes, %(address)s", info)
         return self.infos
 
-    # -- transports -------------------------------------------------------------------------
+    # -- collective loops ---------------------------------------------------------------------
 
-    def make_dispatcher(self, gateway_host: str) -> Dispatcher:
-        if self.cfg.transport == "grpc":
-            from expertmesh.router.grpc_dispatch import GrpcDispatcher
-
-            d = GrpcDispatcher(
-                self.placement, [i["address"] for i in self.infos], self.cfg.rpc_timeout_s
-            )
-        else:
-            from expertmesh.router.collective_dispatch import CollectiveDispatcher
-            from expertmesh.workers.collective import pick_backend
-
-            self._gateway_host = gateway_host
-            self._backend = pick_backend(self._device_spread())
-            port = free_port(gateway_host)
-            d = CollectiveDispatcher(
-                self.placement,
-                gateway_host,
-                port,
-                len(self.actors) + 1,
-                backend=self._backend,
-                timeout_s=self.cfg.rpc_timeout_s,
-                liveness=self.dead_workers,
-            )
-            self._start_loops(port)
-            d.connect()
-        d.recover = self.recover
-        self.dispatcher = d
-        return d
-
-    def _device_spread(self) -> str:
-        """'cuda' only when every rank has a GPU of its own (NCCL needs one per rank)."""
-        return "cuda" if self.gpus_per_worker >= 1 else "cpu"
-
-    def _start_loops(self, port: int) -> None:
+    def start_loops(self, host: str, port: int, backend: str) -> None:
+        """Have every worker join the collective group hosted at host:port (a long-running call)."""
         world = len(self.actors) + 1
         self._loops = [
-            a.run_collective.remote(self._gateway_host, port, i + 1, world, self._backend)
+            a.run_collective.remote(host, port, i + 1, world, backend)
             for i, a in enumerate(self.actors)
         ]
 
-    def dead_workers(self) -> set[int]:
+    def dead_loops(self) -> set[int]:
         """Workers whose collective loop failed: a death shows here at once. A loop that
         returned (the group broke under it) belongs to a survivor, not a dead worker."""
         done, _ = ray.wait(self._loops, num_returns=len(self._loops), timeout=0)
@@ -130,19 +90,11 @@ class WorkerSet:
 
     # -- recovery ---------------------------------------------------------------------------
 
-    def recover(self, failure: WorkerFailure) -> None:
+    def await_restarts(self, workers: set[int]) -> None:
+        """Block until each of `workers` is a new incarnation, or raise WorkerUnavailable."""
         deadline = time.monotonic() + self.cfg.restart_timeout_s
-        log.warning("recovering from %s", failure)
-        for w in sorted(failure.workers):
+        for w in sorted(workers):
             self._await_restart(w, deadline)
-        if self.cfg.transport == "grpc":
-            for w in failure.workers:
-                self.dispatcher.reconnect(w, self.infos[w]["address"])
-        else:
-            port = free_port(self._gateway_host)
-            self._start_loops(port)
-            self.dispatcher.rebuild(port)
-        log.warning("workers %s are back", sorted(failure.workers))
 
     def _await_restart(self, w: int, deadline: float) -> None:
         """Wait for a new incarnation of worker w. One that is still alive (it answers with its
@@ -172,10 +124,5 @@ class WorkerSet:
         )
 
     def shutdown(self) -> None:
-        if self.dispatcher is not None:
-            try:
-                self.dispatcher.close()
-            except Exception:
-                log.exception("closing the dispatcher failed")
         for a in self.actors:
             ray.kill(a, no_restart=True)

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import torch
+from expertmesh.router.dispatch import time_exchange
 from expertmesh.router.sampling import SamplingParams
 
 from .args import BenchEngineArgs
-from .engines import open_engine
+from .engine_factory import open_engine
 
 MEDIUM = dict(hidden=512, layers=8, heads=8, kv_heads=2, experts=16, top_k=4, shared=2, seed=0)
 
@@ -58,17 +59,6 @@ def hf_decode_time(model, prompts, tokens: int, repeats: int) -> float:
     return _median_time(run(tokens), repeats) - _median_time(run(1), repeats)
 
 
-def time_exchange(dispatcher, model_cfg, rows: int, repeats: int, dtype) -> float:
-    """Median seconds of one MoE-layer exchange of `rows` tokens with random routing."""
-    g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, model_cfg.hidden_size, generator=g).to(dtype)  # [rows, H]
-    probs = torch.randn(rows, model_cfg.num_experts, generator=g).softmax(-1)
-    weights, ids = probs.topk(model_cfg.top_k, dim=-1)  # [rows, k]
-    layer = model_cfg.moe_layers[0]
-    dispatcher(layer, x, ids, weights)  # warm-up
-    return _median_time(lambda: dispatcher(layer, x, ids, weights), max(repeats, 20))
-
-
 def _exchange_times(engine, rows: list[int], repeats: int) -> dict[int, float]:
     if hasattr(engine, "handle"):  # a gateway actor: measure where the dispatcher lives
         import ray
@@ -89,17 +79,12 @@ def _measure(engine, a: BenchEngineArgs, vocab: int) -> dict:
 def bench_engine(a: BenchEngineArgs) -> dict:
     from expertmesh.ernie.config import ModelConfig
 
-    from .args import EngineArgs
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(a.model) if a.model else _medium(tmp)
         vocab = ModelConfig.from_dir(path).vocab_size
         results = {}
         for t in a.transport:
-            one = EngineArgs(
-                **{**a.model_dump(include=set(EngineArgs.model_fields)), "transport": t}
-            )
-            with open_engine(path, one) as engine:
+            with open_engine(a.cluster_config(path, transport=t)) as engine:
                 results[t] = _measure(engine, a, vocab)
         hf = {}
         if a.baseline == "transformers" and len(a.transport) == 1:

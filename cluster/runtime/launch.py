@@ -9,8 +9,9 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .config import ClusterConfig
-from .gateway import Gateway, gpus_per_actor
+from ..config import ClusterConfig
+from .gateway import Gateway
+from .resources import bundles
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,6 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     )
 
 
-def bundles(cfg: ClusterConfig) -> list[dict]:
-    """The gateway's bundle first, then one per expert worker."""
-    gpus = gpus_per_actor(cfg)
-    if cfg.transport == "local":
-        return [{"CPU": cfg.gateway_cpus, **({"GPU": gpus} if gpus else {})}]
-    gateway = {"CPU": cfg.gateway_cpus, **({"GPU": gpus} if gpus else {})}
-    worker = {"CPU": cfg.worker_cpus, **({"GPU": gpus} if gpus else {})}
-    return [gateway] + [dict(worker) for _ in range(cfg.workers)]
-
-
 class GatewayHandle:
     """A gateway actor and the placement group it and its workers live in."""
 
@@ -61,7 +52,7 @@ class GatewayHandle:
         ).remote(cfg.model_dump())
         ray.get(self.actor.stats.remote(), timeout=timeout_s)  # waits for construction
 
-    def generate_all(self, prompts: list[list[int]], params: list[dict]) -> list[list[dict]]:
+    def generate_all(self, prompts: list[list[int]], params: list) -> list[list]:
         return ray.get(self.actor.generate_all.remote(prompts, params))
 
     def shutdown(self) -> None:

@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..config import ServeArgs
 from . import openai_protocol as op
 from . import openai_responses as resp
-from .args import ServeArgs
-from .choices import Choice, Mux, merged
 from .metrics import Metrics
+from .multiplex import Choice, Mux, merged
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="expertmesh", description="OpenAI-compatible ERNIE 4.5 MoE serving")

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from expertmesh.ernie.tokenizer import chat_prompt_ids as render_chat
+from expertmesh.router.events import ErrorKind, TokenEvent
 from expertmesh.router.sampling import SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -70,25 +71,20 @@ def model_not_found(model: str) -> APIError:
     )
 
 
-def error_for_event(ev: Any) -> APIError:
-    """The APIError for an engine event that ended in error (a TokenEvent or its dict)."""
-    get = ev.get if isinstance(ev, dict) else lambda k, d=None: getattr(ev, k, d)
-    message = get("error") or f"the request ended: {get('finish_reason')}"
-    status = get("status") or _status_of(message)
+STATUS_OF_KIND = {
+    ErrorKind.INVALID: 400,
+    ErrorKind.OVERLOADED: 429,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.INTERNAL: 500,
+}
+
+
+def error_for_event(ev: TokenEvent) -> APIError:
+    """The APIError for an engine event that ended in error: its kind decides the status."""
+    message = ev.error or f"the request ended: {ev.finish_reason}"
+    status = STATUS_OF_KIND.get(ev.error_kind, 500)
     code = "service_unavailable" if status == 503 else None
     return APIError(status, message, code=code)
-
-
-def _status_of(message: str) -> int:
-    """A status for engine errors that carry none, from their wording."""
-    text = message.lower()
-    if "unavailable" in text or "workers are down" in text or "engine stopped" in text:
-        return 503
-    if "queue is full" in text:
-        return 429
-    if any(w in text for w in ("prompt", "token ids", "duplicate request id", "kv cache")):
-        return 400
-    return 500
 
 
 class FieldError(ValueError):

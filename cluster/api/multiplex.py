@@ -1,4 +1,4 @@
-"""One choice of a request, streamed from the gateway deployment and turned into text.
+"""Multiplexed streams from the gateway: one per ingress replica, fanned out to the choices.
 
 A choice is one engine request. Its first batch of events is awaited before the HTTP response
 starts, so a refusal (400, 429, 503) becomes the response status rather than a broken stream.
@@ -13,12 +13,13 @@ calls reach the same one.)
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextvars
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
+from expertmesh.router.events import ErrorKind, TokenEvent, error_event
 from expertmesh.router.sampling import SamplingParams
 
 from . import openai_protocol as op
@@ -39,7 +40,9 @@ class Mux:
 
     def open(self, request_id: str) -> asyncio.Queue:
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._pump())
+            # A fresh context: the stream belongs to this replica, not to the request that
+            # happened to open it, so Serve does not cancel it when that request is cancelled.
+            self._task = asyncio.create_task(self._pump(), context=contextvars.Context())
         queue = self.queues[request_id] = asyncio.Queue()
         return queue
 
@@ -63,20 +66,14 @@ class Mux:
             stream = self.gateway.options(stream=True).channel.remote(self.channel_id)
             async for batch in stream:
                 for ev in batch:
-                    queue = self.queues.get(ev["request_id"])
+                    queue = self.queues.get(ev.request_id)
                     if queue is not None:
                         queue.put_nowait(ev)
         except Exception as e:
             log.error("the gateway stream ended: %s", e)
         for rid, queue in list(self.queues.items()):  # whatever was open cannot finish now
             queue.put_nowait(
-                {
-                    "request_id": rid,
-                    "token_id": None,
-                    "finish_reason": "error",
-                    "status": 503,
-                    "error": "lost the stream from the gateway",
-                }
+                error_event(rid, ErrorKind.UNAVAILABLE, "lost the stream from the gateway")
             )
 
 
@@ -98,15 +95,13 @@ class Choice:
         self.request_id = uuid.uuid4().hex
         self._gateway, self._mux = gateway, mux
         self._queue = mux.open(self.request_id)
-        self._submitted = gateway.submit.remote(
-            prompt, dataclasses.asdict(params), self.request_id, mux.channel_id
-        )
-        self._first: list[dict] | None = None
+        self._submitted = gateway.submit.remote(prompt, params, self.request_id, mux.channel_id)
+        self._first: list[TokenEvent] | None = None
         self.finished = False
         self.first_token_at: float | None = None
         self.token_times: list[float] = []
 
-    async def _next_batch(self) -> list[dict]:
+    async def _next_batch(self) -> list[TokenEvent]:
         batch = [await self._queue.get()]
         while not self._queue.empty():
             batch.append(self._queue.get_nowait())
@@ -118,7 +113,7 @@ class Choice:
         if refusal is None:
             self._first = await self._next_batch()
             head = self._first[0]
-            if head["finish_reason"] == "error" or (head["token_id"] is None and head.get("error")):
+            if head.finish_reason == "error" or (head.token_id is None and head.error):
                 refusal = head
         if refusal is not None:
             self.finished = True
@@ -138,12 +133,12 @@ class Choice:
                         return
             batch = await self._next_batch()
 
-    def _take(self, ev: dict) -> tuple[Delta, str | None] | None:
-        if ev["finish_reason"] is not None:
+    def _take(self, ev: TokenEvent) -> tuple[Delta, str | None] | None:
+        if ev.finish_reason is not None:
             self.finished = True
-        if ev["finish_reason"] == "error":
+        if ev.finish_reason == "error":
             raise op.error_for_event(ev)
-        if ev["token_id"] is not None:
+        if ev.token_id is not None:
             now = time.monotonic()
             self.first_token_at = self.first_token_at or now
             self.token_times.append(now)
@@ -151,9 +146,9 @@ class Choice:
         if delta.stopped:  # a stop string: the engine does not know, so end it here
             self.cancel()
             return _merge(delta, self.stream.finish()), "stop"
-        if ev["finish_reason"] is not None:
+        if ev.finish_reason is not None:
             return _merge(delta, self.stream.finish()), op.finish_reason(
-                ev["finish_reason"], self.stream
+                ev.finish_reason, self.stream
             )
         return delta, None
 

@@ -6,7 +6,6 @@ Each field has a default and a one-line description, which is the flag's help te
 from __future__ import annotations
 
 import argparse
-import os
 import types
 import typing
 from pathlib import Path
@@ -14,9 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-
-def default_home() -> Path:
-    return Path(os.environ.get("EXPERTMESH_HOME", Path.home() / ".cache" / "expertmesh"))
+from ..config import ClusterConfig
 
 
 class TinyArgs(BaseModel):
@@ -37,7 +34,10 @@ class TinyArgs(BaseModel):
     shards: int = Field(2, ge=1, description="safetensors files to split the weights over")
 
 
-class EngineArgs(BaseModel):
+class EngineArgs(ClusterConfig):
+    """A ClusterConfig whose model may be left out (the built-in one) and whose experts stay
+    in-process unless a transport is chosen."""
+
     model: str | None = Field(
         None, description="checkpoint directory; default: the built-in tiny model"
     )
@@ -45,12 +45,10 @@ class EngineArgs(BaseModel):
     transport: Literal["local", "grpc", "collective"] = Field(
         "local", description="how the gateway reaches the expert workers"
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="compute dtype; auto: float32 on CPU, the checkpoint's on GPU"
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="torch device; auto: cuda when available, else cpu"
-    )
+
+    def cluster_config(self, path: str | Path, **changes) -> ClusterConfig:
+        fields = self.model_dump(include=set(ClusterConfig.model_fields))
+        return ClusterConfig(**{**fields, "model": str(path), **changes})
 
 
 class GenerateArgs(EngineArgs):
@@ -149,66 +147,6 @@ def parse(parser: argparse.ArgumentParser, model: type[BaseModel], ns: argparse.
             for err in e.errors()
         )
         parser.error(problems)
-
-
-class ServeArgs(BaseModel):
-    model: str | None = Field(
-        None, description="checkpoint directory; default: the built-in tiny model"
-    )
-    served_model_name: str | None = Field(
-        None, description="model id in the API; default: --model as given"
-    )
-    workers: int = Field(2, ge=1, description="expert workers per gateway")
-    transport: Literal["grpc", "collective", "local"] = Field(
-        "grpc", description="gateway-to-worker transport"
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="compute dtype"
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device")
-    expert_map: list[int] | None = Field(None, description="owner worker of each expert")
-    api_keys: list[str] = Field(
-        [],
-        description="an accepted API key, repeatable (also EXPERTMESH_API_KEYS, comma-separated); none: no auth",
-        json_schema_extra={"flag": "--api-key", "action": "append"},
-    )
-    address: str | None = Field(
-        None, description="Ray cluster to join; default: a local Ray on 127.0.0.1"
-    )
-    min_replicas: int = Field(1, ge=1, description="ingress replicas at least")
-    max_replicas: int = Field(2, ge=1, description="ingress replicas at most")
-    target_ongoing_requests: int = Field(
-        64, ge=1, description="autoscaling target per ingress replica"
-    )
-    max_ongoing_requests: int = Field(
-        512, ge=1, description="requests one ingress replica takes at once"
-    )
-    max_waiting: int = Field(
-        1024, ge=0, description="queued requests in the gateway beyond which new ones get 429"
-    )
-    max_num_seqs: int = Field(64, ge=1, description="sequences in one batch at most")
-    kv_cache_tokens: int = Field(65536, ge=16, description="KV-cache budget in tokens")
-    max_model_len: int | None = Field(None, description="prompt + output limit per request")
-    default_max_tokens: int = Field(
-        256, ge=1, description="max_tokens of chat requests that give none"
-    )
-    max_worker_restarts: int = Field(20, ge=0, description="Ray restarts of each expert worker")
-    restart_timeout_s: float = Field(
-        60, gt=0, description="how long a failed worker may take to come back"
-    )
-    host: str = Field("127.0.0.1", description="HTTP host")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
-
-    def keys(self) -> set[str]:
-        env = os.environ.get("EXPERTMESH_API_KEYS", "")
-        return set(self.api_keys) | {k.strip() for k in env.split(",") if k.strip()}
-
-    def cluster_config(self, model: str):
-        """The gateway's ClusterConfig: every field the two models share, and the model path."""
-        from .config import ClusterConfig
-
-        shared = set(ClusterConfig.model_fields) & set(type(self).model_fields) - {"model"}
-        return ClusterConfig(model=model, **self.model_dump(include=shared))
 
 
 class BenchHttpArgs(BaseModel):

@@ -7,44 +7,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from .args import (
-    BenchEngineArgs,
-    BenchHttpArgs,
-    GenerateArgs,
-    ServeArgs,
-    TinyArgs,
-    add_args,
-    default_home,
-    parse,
-)
+from ..config import ServeArgs, builtin_model_dir
+from .args import BenchEngineArgs, BenchHttpArgs, GenerateArgs, TinyArgs, add_args, parse
 from .chat import ChatArgs, run_chat
 
 log = logging.getLogger("expertmesh")
-
-BUILTIN_NAME = "ernie-tiny"
-
-
-def builtin_model_dir() -> Path:
-    """The built-in default model: a small random ERNIE 4.5 MoE, made on first use."""
-    path = default_home() / BUILTIN_NAME
-    if (path / "config.json").is_file():
-        return path
-    from expertmesh.ernie.tiny import make_tiny
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tiny-"))
-    make_tiny(tmp, seed=0)
-    try:
-        os.rename(tmp, path)  # atomic: a concurrent maker's copy wins, ours is dropped
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("made the built-in model at %s", path)
-    return path
 
 
 def resolve_model(model: str | None) -> Path:
@@ -84,7 +53,7 @@ def cmd_generate(a: GenerateArgs) -> int:
     from expertmesh.router.engine import RequestError
     from expertmesh.router.sampling import SamplingParams
 
-    from .engines import open_engine
+    from .engine_factory import open_engine
 
     path = resolve_model(a.model)
     tokenizer = load_tokenizer(path)
@@ -98,7 +67,7 @@ def cmd_generate(a: GenerateArgs) -> int:
         logprobs=a.logprobs,
         ignore_eos=a.ignore_eos,
     )
-    with open_engine(path, a) as engine:
+    with open_engine(a.cluster_config(path)) as engine:
         try:
             out = engine.generate([ids], params)[0]
         except RequestError as e:
@@ -123,7 +92,7 @@ def cmd_generate(a: GenerateArgs) -> int:
 
 
 def cmd_bench_engine(a: BenchEngineArgs) -> int:
-    from .bench import bench_engine
+    from .bench_engine import bench_engine
 
     bench_engine(a)
     return 0

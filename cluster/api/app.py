@@ -3,38 +3,23 @@
 The ingress (CPU, autoscaled) tokenizes, applies the chat template, validates and shapes
 responses; the gateway deployment (one replica per model copy) owns the engine and creates its
 expert workers in the bundles of its placement group, so a replica and its workers are placed
-and released together. `build_app(args)` serves `serve run` and Serve config files alike.
+and released together. `build_app(args)` serves `serve run` and Serve config files alike; its
+`args` are `ServeArgs`, and an unknown key is an error that names it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ray import serve
 
-from .args import ServeArgs
-from .gateway import Gateway
-from .launch import bundles
+from ..config import ServeArgs
+from ..runtime.gateway import Gateway
+from ..runtime.resources import bundles
 
 
-def resolve_model(args: ServeArgs) -> tuple[str, str]:
-    """(checkpoint path, served model id)."""
-    if args.model:
-        path = str(Path(args.model).expanduser())
-        return path, args.served_model_name or args.model
-    from .cli import BUILTIN_NAME, builtin_model_dir
-
-    return str(builtin_model_dir()), args.served_model_name or BUILTIN_NAME
-
-
-def build_app(args: dict | ServeArgs) -> serve.Application:
-    from .ingress import Ingress
-
-    args = ServeArgs.model_validate(args)
-    path, name = resolve_model(args)
-    cfg = args.cluster_config(path)
+def gateway_deployment(args: ServeArgs) -> serve.Deployment:
+    cfg = args.cluster_config()
     first = bundles(cfg)[0]
-    gateway = serve.deployment(
+    return serve.deployment(
         Gateway,
         name="Gateway",
         num_replicas=1,
@@ -43,7 +28,15 @@ def build_app(args: dict | ServeArgs) -> serve.Application:
         placement_group_bundles=bundles(cfg),
         placement_group_strategy=cfg.strategy,
         health_check_period_s=10,
-    ).bind(cfg.model_dump())
+    )
+
+
+def build_app(args: dict | ServeArgs) -> serve.Application:
+    from .ingress import Ingress
+
+    args = ServeArgs.model_validate(args)
+    path, name = args.resolve_model()
+    gateway = gateway_deployment(args).bind(args.cluster_config(path).model_dump())
     ingress = serve.deployment(
         Ingress,
         name="Ingress",

@@ -11,9 +11,9 @@ import httpx
 import ray
 from ray import serve
 
-from .args import ServeArgs
-from .launch import start_ray
-from .serve_app import build_app, resolve_model
+from ..api.app import build_app
+from ..config import ServeArgs
+from ..runtime.launch import start_ray
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ def run_server(a: ServeArgs) -> int:
         host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
         url = f"http://{host}:{a.port}"
         wait_healthy(url)
-        print(f"expertmesh: serving {resolve_model(a)[1]!r} at {url}/v1 (Ctrl-C stops)", flush=True)
+        print(
+            f"expertmesh: serving {a.resolve_model()[1]!r} at {url}/v1 (Ctrl-C stops)", flush=True
+        )
         stop.wait()
         log.info("shutting down")
     finally:

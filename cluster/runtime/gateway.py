@@ -1,0 +1,212 @@
+"""The gateway: attention, routing and the engine loop of one model replica.
+
+A plain class, run as a Ray actor (`expertmesh generate --transport grpc`) or as a Ray Serve
+deployment. It starts its expert workers through the link of its transport (in the bundles of
+its placement group), loads the non-expert weights itself, and streams events from the engine
+thread to channels: one per ingress replica (see `protocol.GatewayAPI`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import ray
+import torch
+from expertmesh.ernie.checkpoint import CheckpointReader
+from expertmesh.ernie.config import ModelConfig
+from expertmesh.ernie.devices import resolve_device
+from expertmesh.router.dispatch import time_exchange
+from expertmesh.router.engine import LLMEngine
+from expertmesh.router.events import ErrorKind, TokenEvent, error_event
+from expertmesh.router.loop import EngineLoop
+from expertmesh.router.model import GatewayModel
+from expertmesh.router.sampling import SamplingParams
+
+from ..config import ClusterConfig
+from .links import make_link
+from .protocol import Health, ModelInfo
+from .resources import gpus_per_actor
+
+log = logging.getLogger(__name__)
+
+
+class _Channel:
+    def __init__(self):
+        self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.rids: set[str] = set()  # its requests that have not finished
+
+
+class Gateway:
+    def __init__(self, cfg: ClusterConfig | dict):
+        cfg = ClusterConfig.model_validate(cfg)
+        self.cfg = cfg
+        torch.set_num_threads(cfg.gateway_threads)
+        self.device = resolve_device(cfg.device, gpu_assigned=bool(ray.get_gpu_ids()))
+        self.model_cfg = ModelConfig.from_dir(cfg.model)
+        placement = cfg.placement(self.model_cfg.num_experts)
+        engine_cfg = cfg.engine_config(self.device)
+        dtype = engine_cfg.torch_dtype(self.model_cfg)
+        self.link = make_link(cfg, placement, gpus_per_actor(cfg))
+        self.link.start()  # workers load their shards meanwhile
+        with CheckpointReader(cfg.model) as reader:
+            model = GatewayModel.load(reader, self.model_cfg, dtype, self.device)
+        dispatcher = self.link.connect(self.model_cfg, dtype, self.device)
+        self.loop = EngineLoop(LLMEngine(model, dispatcher, self.model_cfg, engine_cfg))
+        self._probe: tuple[float, bool] = (0.0, True)  # (when, workers answered)
+        self._channels: dict[str, _Channel] = {}
+        log.info("gateway ready: %s transport, %d workers", cfg.transport, placement.num_shards)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def submit(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, channel_id: str
+    ) -> TokenEvent | None:
+        """Queue a request whose events go to `channel_id`; an error event if it is refused."""
+        refusal = await self._refusal(request_id)
+        if refusal is not None:
+            return refusal
+        ch = self._channel(channel_id)
+        ch.rids.add(request_id)
+        loop = asyncio.get_running_loop()
+        self.loop.submit(
+            request_id,
+            prompt_ids,
+            params,
+            lambda ev: loop.call_soon_threadsafe(ch.queue.put_nowait, ev),
+        )
+        return None
+
+    def _channel(self, channel_id: str) -> _Channel:
+        return self._channels.setdefault(channel_id, _Channel())
+
+    async def channel(self, channel_id: str) -> AsyncIterator[list[TokenEvent]]:
+        """The events of every request submitted to `channel_id`, in batches as they come.
+
+        One stream item per step for all of an ingress replica's requests, instead of one per
+        request per token. Closing the stream aborts the channel's unfinished requests.
+        """
+        ch = self._channel(channel_id)
+        try:
+            while True:
+                batch = [await ch.queue.get()]
+                while not ch.queue.empty():
+                    batch.append(ch.queue.get_nowait())
+                for ev in batch:
+                    if ev.finish_reason is not None:
+                        ch.rids.discard(ev.request_id)
+                yield batch
+        finally:
+            for rid in ch.rids:
+                self.loop.abort(rid)
+            self._channels.pop(channel_id, None)
+
+    async def generate_all(
+        self, prompts: list[list[int]], params: list[SamplingParams]
+    ) -> list[list[TokenEvent]]:
+        """Run several requests concurrently to completion; all events of each, in order."""
+        channel_id = uuid.uuid4().hex
+        rids = [f"{channel_id}-{i}" for i in range(len(prompts))]
+        events: dict[str, list[TokenEvent]] = {rid: [] for rid in rids}
+        open_ = set(rids)
+        self._channel(channel_id)
+        for rid, prompt, p in zip(rids, prompts, params, strict=True):
+            refusal = await self.submit(prompt, p, rid, channel_id)
+            if refusal is not None:
+                events[rid].append(refusal)
+                open_.discard(rid)
+        stream = self.channel(channel_id)
+        try:
+            while open_:
+                for ev in await anext(stream):
+                    events[ev.request_id].append(ev)
+                    if ev.finish_reason is not None:
+                        open_.discard(ev.request_id)
+        finally:
+            await stream.aclose()
+        return [events[rid] for rid in rids]
+
+    async def _refusal(self, rid: str) -> TokenEvent | None:
+        """An error event when the request cannot be taken now (queue full, workers down)."""
+        if self.loop.counts()[1] >= self.cfg.max_waiting:
+            message = f"the waiting queue is full ({self.cfg.max_waiting} requests)"
+            return error_event(rid, ErrorKind.OVERLOADED, message)
+        if not await self._workers_up():
+            return error_event(rid, ErrorKind.UNAVAILABLE, "expert workers are down; retry shortly")
+        return None
+
+    async def _workers_up(self, ttl_s: float = 1.0) -> bool:
+        """Whether every worker answered a probe in the last `ttl_s` (a dead one cannot)."""
+        if self.link.workers is None:
+            return True
+        when, ok = self._probe
+        now = time.monotonic()
+        if now - when > ttl_s:
+            ok = (await self.health(timeout_s=0.5))["workers"]
+            self._probe = (now, ok)
+        return ok
+
+    def abort(self, request_id: str) -> None:
+        self.loop.abort(request_id)
+
+    # -- state ------------------------------------------------------------------------------
+
+    async def health(self, timeout_s: float = 2.0) -> Health:
+        """Ready only when the engine runs and every expert worker answers."""
+        workers_ok = True
+        if self.link.workers is not None:
+            refs = [a.ready.remote() for a in self.link.workers.actors]
+            try:
+                await asyncio.wait_for(asyncio.gather(*refs), timeout_s)
+            except Exception:
+                workers_ok = False
+        alive = self.loop.alive
+        return Health(
+            ready=alive and workers_ok, engine=alive, workers=workers_ok, strategy=_strategy()
+        )
+
+    def stats(self) -> dict[str, int]:
+        running, waiting = self.loop.counts()
+        return {"running": running, "waiting": waiting}
+
+    def expert_counts(self) -> dict:
+        """Tokens routed to each expert: {"layers": [layer ids], "counts": [[per expert]]}."""
+        engine = self.loop.engine
+        return {"layers": list(self.model_cfg.moe_layers), "counts": engine.expert_counts.tolist()}
+
+    def check_health(self) -> None:
+        """Ray Serve's probe: only the engine thread matters (workers recover on their own)."""
+        if not self.loop.alive:
+            raise RuntimeError("the engine loop has stopped")
+
+    async def worker_infos(self) -> list[dict]:
+        if self.link.workers is None:
+            return []
+        return list(await asyncio.gather(*(a.ready.remote() for a in self.link.workers.actors)))
+
+    def model_info(self) -> ModelInfo:
+        c = self.model_cfg
+        return ModelInfo(vocab_size=c.vocab_size, max_model_len=self.loop.engine.max_model_len)
+
+    def bench_exchange(self, rows: list[int], repeats: int) -> dict[int, float]:
+        """Seconds of one MoE-layer exchange per row count (call while the engine is idle)."""
+        engine = self.loop.engine
+        dtype = next(engine.model.parameters()).dtype
+        return {
+            r: time_exchange(engine.dispatcher, self.model_cfg, r, repeats, dtype) for r in rows
+        }
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        self.link.close()
+
+
+def _strategy() -> str | None:
+    """The strategy of the placement group this process was placed in, if any."""
+    pg = ray.util.get_current_placement_group()
+    if pg is None:
+        return None
+    return ray.util.placement_group_table(pg).get("strategy")

@@ -1,0 +1,143 @@
+"""How a gateway reaches its expert workers: one lifecycle object per transport.
+
+A link connects (builds the transport's `Dispatcher` once the workers are up), reconnects
+after workers were restarted (a new gRPC channel to the new address; a new collective group
+over all ranks, since gloo and NCCL cannot replace a rank) and closes. The gateway and the
+worker set never ask which transport they have: they ask the link.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+
+import ray
+import torch
+from expertmesh.ernie.checkpoint import CheckpointReader
+from expertmesh.ernie.config import ModelConfig
+from expertmesh.router.dispatch import Dispatcher, LocalDispatcher, WorkerFailure
+from expertmesh.workers.experts import ExpertShard
+from expertmesh.workers.placement import ExpertPlacement
+
+from ..config import ClusterConfig
+from .resources import free_port
+from .workerset import WorkerSet
+
+log = logging.getLogger(__name__)
+
+
+class Link(ABC):
+    """One gateway's connection to its experts."""
+
+    def __init__(self, cfg: ClusterConfig, placement: ExpertPlacement, gpus_per_worker: float):
+        self.cfg, self.placement = cfg, placement
+        self.gpus_per_worker = gpus_per_worker
+        self.workers: WorkerSet | None = None
+        self.dispatcher: Dispatcher | None = None
+
+    def start(self) -> None:
+        """Create the workers; they load their shards while the gateway loads its own weights."""
+        self.workers = WorkerSet(self.cfg, self.placement, self.gpus_per_worker)
+
+    def connect(self, model_cfg: ModelConfig, dtype: torch.dtype, device: str) -> Dispatcher:
+        """Wait for the workers, then the dispatcher that reaches them (recovering on failure)."""
+        self.workers.wait_ready()
+        self.dispatcher = self._dispatcher()
+        self.dispatcher.recover = self.recover
+        return self.dispatcher
+
+    def recover(self, failure: WorkerFailure) -> None:
+        """Wait until the failed workers are back (Ray restarts them), then reconnect."""
+        log.warning("recovering from %s", failure)
+        self.workers.await_restarts(failure.workers)
+        self._reconnect(failure.workers)
+        log.warning("workers %s are back", sorted(failure.workers))
+
+    def close(self) -> None:
+        if self.dispatcher is not None:
+            try:
+                self.dispatcher.close()
+            except Exception:
+                log.exception("closing the dispatcher failed")
+        if self.workers is not None:
+            self.workers.shutdown()
+
+    @abstractmethod
+    def _dispatcher(self) -> Dispatcher: ...
+
+    @abstractmethod
+    def _reconnect(self, workers: set[int]) -> None: ...
+
+
+class LocalLink(Link):
+    """Every shard in the gateway's process: no workers to start, nothing to reconnect."""
+
+    def start(self) -> None:
+        pass
+
+    def connect(self, model_cfg: ModelConfig, dtype: torch.dtype, device: str) -> Dispatcher:
+        with CheckpointReader(self.cfg.model) as reader:
+            shards = [
+                ExpertShard.load(reader, model_cfg, self.placement.experts_of(s), dtype, device)
+                for s in range(self.placement.num_shards)
+            ]
+        self.dispatcher = LocalDispatcher(self.placement, shards)
+        return self.dispatcher
+
+    def _dispatcher(self) -> Dispatcher:
+        raise AssertionError("LocalLink builds its dispatcher in connect()")
+
+    def _reconnect(self, workers: set[int]) -> None:
+        raise AssertionError("in-process shards do not fail apart from the gateway")
+
+
+class GrpcLink(Link):
+    """One gRPC channel per worker; a restarted worker gets a new channel to its new port."""
+
+    def _dispatcher(self) -> Dispatcher:
+        from expertmesh.router.grpc_dispatch import GrpcDispatcher
+
+        addresses = [info["address"] for info in self.workers.infos]
+        return GrpcDispatcher(self.placement, addresses, self.cfg.rpc_timeout_s)
+
+    def _reconnect(self, workers: set[int]) -> None:
+        for w in workers:
+            self.dispatcher.reconnect(w, self.workers.infos[w]["address"])
+
+
+class CollectiveLink(Link):
+    """A torch.distributed group over the gateway (rank 0) and the workers; every failure
+    means a new group, which the workers join from a fresh long-running call."""
+
+    def _dispatcher(self) -> Dispatcher:
+        from expertmesh.router.collective_dispatch import CollectiveDispatcher
+        from expertmesh.workers.collective import pick_backend
+
+        self._host = ray.util.get_node_ip_address()
+        # NCCL only when every rank has a GPU of its own
+        self._backend = pick_backend("cuda" if self.gpus_per_worker >= 1 else "cpu")
+        port = free_port(self._host)
+        d = CollectiveDispatcher(
+            self.placement,
+            self._host,
+            port,
+            self.placement.num_shards + 1,
+            backend=self._backend,
+            timeout_s=self.cfg.rpc_timeout_s,
+            liveness=self.workers.dead_loops,
+        )
+        self.workers.start_loops(self._host, port, self._backend)
+        d.connect()
+        return d
+
+    def _reconnect(self, workers: set[int]) -> None:
+        port = free_port(self._host)
+        self.workers.start_loops(self._host, port, self._backend)
+        self.dispatcher.rebuild(port)
+
+
+LINKS: dict[str, type[Link]] = {"local": LocalLink, "grpc": GrpcLink, "collective": CollectiveLink}
+
+
+def make_link(cfg: ClusterConfig, placement: ExpertPlacement, gpus_per_worker: float) -> Link:
+    return LINKS[cfg.transport](cfg, placement, gpus_per_worker)

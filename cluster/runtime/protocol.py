@@ -1,0 +1,48 @@
+"""The typed boundary between the HTTP ingress and a gateway: the calls the ingress may make.
+
+Requests are submitted to a channel; each ingress replica holds one channel, a long-lived
+stream that carries the `TokenEvent`s of all of its requests, a step's worth per item. Errors
+travel as events with an `ErrorKind`; the ingress maps kinds to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, TypedDict
+
+from expertmesh.router.events import TokenEvent
+from expertmesh.router.sampling import SamplingParams
+
+
+class Health(TypedDict):
+    ready: bool  # engine running and every worker answering
+    engine: bool
+    workers: bool
+    strategy: str | None  # the placement group's strategy, as Ray placed it
+
+
+class ModelInfo(TypedDict):
+    vocab_size: int
+    max_model_len: int
+
+
+class GatewayAPI(Protocol):
+    async def submit(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, channel_id: str
+    ) -> TokenEvent | None:
+        """Queue a request whose events go to `channel_id`; an error event if it is refused."""
+
+    def channel(self, channel_id: str) -> AsyncIterator[list[TokenEvent]]:
+        """The events of every request submitted to `channel_id`, a batch per item."""
+
+    def abort(self, request_id: str) -> None: ...
+
+    async def health(self) -> Health: ...
+
+    def stats(self) -> dict[str, int]:
+        """{"running": n, "waiting": n}"""
+
+    def expert_counts(self) -> dict:
+        """Tokens routed to each expert: {"layers": [layer ids], "counts": [[per expert]]}."""
+
+    def model_info(self) -> ModelInfo: ...

@@ -1,0 +1,108 @@
+"""The one config chain: every ClusterConfig field reaches the cluster from each front door.
+
+`serve` flags, a Serve config's `args` and a RayService's `serveConfigV2` all validate into
+`ServeArgs`, a ClusterConfig plus the HTTP edge; unknown keys are refused by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+from expertmesh.cluster.api.app import build_app, gateway_deployment
+from expertmesh.cluster.cli.args import EngineArgs, GenerateArgs, add_args, parse
+from expertmesh.cluster.cli.main import build_parser
+from expertmesh.cluster.config import ClusterConfig, ServeArgs
+from pydantic import ValidationError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve_config_args(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())["applications"][0]["args"]
+
+
+def rayservice_args() -> dict:
+    manifest = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+    return yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
+
+
+def cpu(args: dict, **changes) -> dict:
+    return {**args, "device": "cpu", **changes}
+
+
+SOURCES = {
+    "serve_config.yaml": lambda: serve_config_args(ROOT / "deploy" / "serve_config.yaml"),
+    "serveConfigV2": rayservice_args,
+}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_strategy_from_a_serve_config_reaches_the_placement_group(source):
+    args = ServeArgs.model_validate(cpu(SOURCES[source](), strategy="SPREAD"))
+    assert args.cluster_config().strategy == "SPREAD"
+    deployment = gateway_deployment(args)
+    assert deployment._replica_config.placement_group_strategy == "SPREAD"
+    bundles = deployment._replica_config.placement_group_bundles
+    assert len(bundles) == 1 + args.workers  # the gateway's, then one per worker
+
+
+def test_unknown_key_is_refused_by_name():
+    args = cpu(serve_config_args(ROOT / "deploy" / "serve_config.yaml"), stratgey="SPREAD")
+    with pytest.raises(ValidationError, match="stratgey"):
+        build_app(args)
+
+
+def serve_flags(*argv: str) -> ServeArgs:
+    parser = build_parser()
+    ns = parser.parse_args(["serve", *argv])
+    return parse(parser, ns.args_model, ns)
+
+
+def test_every_cluster_field_is_a_serve_flag_and_a_config_key():
+    flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions}
+    for name in ClusterConfig.model_fields:
+        assert name in flags, f"--{name.replace('_', '-')} is missing from `serve`"
+        assert name in ServeArgs.model_fields
+
+
+@pytest.mark.parametrize(
+    "argv, field, value",
+    [
+        (["--strategy", "SPREAD"], "strategy", "SPREAD"),
+        (["--block-size", "32"], "block_size", 32),
+        (["--max-tokens-per-step", "512"], "max_tokens_per_step", 512),
+        (["--rpc-timeout-s", "7.5"], "rpc_timeout_s", 7.5),
+        (["--worker-cpus", "2"], "worker_cpus", 2.0),
+        (["--gateway-threads", "4"], "gateway_threads", 4),
+        (["--torch-threads", "3"], "torch_threads", 3),
+        (["--expert-map", "0", "1", "0", "1"], "expert_map", [0, 1, 0, 1]),
+    ],
+)
+def test_serve_flags_reach_the_cluster_config(argv, field, value):
+    cfg = serve_flags(*argv).cluster_config("/some/model")
+    assert getattr(cfg, field) == value
+    assert cfg.model == "/some/model"
+
+
+def test_engine_config_is_derived_from_the_cluster_config():
+    cfg = ClusterConfig(model="m", block_size=32, max_tokens_per_step=100, kv_cache_tokens=512)
+    e = cfg.engine_config("cpu")
+    assert (e.block_size, e.max_tokens_per_step, e.kv_cache_tokens) == (32, 100, 512)
+
+
+def test_generate_flags_are_cluster_fields_too():
+    parser = argparse.ArgumentParser()
+    add_args(parser, GenerateArgs)
+    ns = parser.parse_args(["--prompt", "hi", "--strategy", "SPREAD", "--transport", "grpc"])
+    args = parse(parser, GenerateArgs, ns)
+    cfg = args.cluster_config("/m")
+    assert (cfg.strategy, cfg.transport, cfg.workers) == ("SPREAD", "grpc", 1)
+    assert issubclass(GenerateArgs, EngineArgs) and issubclass(EngineArgs, ClusterConfig)
+
+
+def test_cluster_config_refuses_unknown_keys():
+    with pytest.raises(ValidationError, match="workerz"):
+        ClusterConfig(model="m", workerz=2)
