@@ -92,8 +92,12 @@ class ServeArgs(ClusterConfig):
     )
     api_keys: list[str] = Field(
         [],
-        description="an accepted API key, repeatable (also EXPERTMESH_API_KEYS, comma-separated); none: no auth",
+        description="an accepted API key as KEY or KEY:rpm=N:tpm=M (requests and tokens per "
+        "minute), repeatable; also EXPERTMESH_API_KEYS (comma-separated); none: no auth",
         json_schema_extra={"flag": "--api-key", "action": "append"},
+    )
+    api_keys_file: str | None = Field(
+        None, description="a file of API key entries (KEY[:rpm=N][:tpm=M]), one per line"
     )
     address: str | None = Field(
         None, description="Ray cluster to join; default: a local Ray on 127.0.0.1"
@@ -106,15 +110,28 @@ class ServeArgs(ClusterConfig):
     max_ongoing_requests: int = Field(
         512, ge=1, description="requests one ingress replica takes at once"
     )
+    max_queued_requests: int = Field(
+        1024, ge=1, description="HTTP requests queued for an ingress replica; beyond: 503"
+    )
+    max_inflight: int = Field(
+        1024, ge=1, description="engine requests in flight from one ingress replica; beyond: 429"
+    )
+    max_body_bytes: int = Field(
+        8 * 2**20, ge=1024, description="request body size limit in bytes; beyond: 413"
+    )
+    max_choices_per_request: int = Field(
+        64, ge=1, description="prompts x n of one request at most; beyond: 400"
+    )
+    max_request_tokens: int = Field(
+        65536,
+        ge=1,
+        description="prompt + max_tokens summed over a request's choices at most; beyond: 400",
+    )
     default_max_tokens: int = Field(
         256, ge=1, description="max_tokens of chat requests that give none"
     )
     host: str = Field("127.0.0.1", description="HTTP host")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
-
-    def keys(self) -> set[str]:
-        env = os.environ.get("EXPERTMESH_API_KEYS", "")
-        return set(self.api_keys) | {k.strip() for k in env.split(",") if k.strip()}
 
     def resolve_model(self) -> tuple[str, str]:
         """(checkpoint path, served model id); no --model means the built-in model."""

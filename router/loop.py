@@ -41,6 +41,10 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def drain(self, message: str) -> None:
+        """End every request (running, waiting or queued) with an UNAVAILABLE error event."""
+        self._inbox.put(("drain", message))
+
     def stop(self, timeout: float = 30) -> None:
         self._stopped.set()
         self._inbox.put(("stop",))
@@ -92,6 +96,10 @@ class EngineLoop:
                 on_event(error_event(rid, ErrorKind.INVALID, str(e)))
                 return
             self._listeners[rid] = on_event
+        elif cmd[0] == "drain":
+            for rid in list(self._listeners):
+                self.engine.abort(rid)
+                self._deliver([error_event(rid, ErrorKind.UNAVAILABLE, cmd[1])])
         elif cmd[0] == "abort":
             rid = cmd[1]
             if self.engine.abort(rid) and rid in self._listeners:

@@ -9,11 +9,16 @@ and released together. `build_app(args)` serves `serve run` and Serve config fil
 
 from __future__ import annotations
 
+import dataclasses
+
 from ray import serve
 
 from ..config import ServeArgs
 from ..runtime.gateway import Gateway
 from ..runtime.resources import bundles
+from .ratelimit import RateLimiter, load_keys
+
+GRACE_S = 2.0  # how long Serve waits for a replica's ongoing requests when it stops
 
 
 def gateway_deployment(args: ServeArgs) -> serve.Deployment:
@@ -28,6 +33,7 @@ def gateway_deployment(args: ServeArgs) -> serve.Deployment:
         placement_group_bundles=bundles(cfg),
         placement_group_strategy=cfg.strategy,
         health_check_period_s=10,
+        graceful_shutdown_timeout_s=GRACE_S,  # the server drains the gateway before it stops
     )
 
 
@@ -37,10 +43,18 @@ def build_app(args: dict | ServeArgs) -> serve.Application:
     args = ServeArgs.model_validate(args)
     path, name = args.resolve_model()
     gateway = gateway_deployment(args).bind(args.cluster_config(path).model_dump())
+    limits = {
+        k: dataclasses.asdict(v) for k, v in load_keys(args.api_keys, args.api_keys_file).items()
+    }
+    limiter = serve.deployment(
+        RateLimiter, name="RateLimiter", num_replicas=1, ray_actor_options={"num_cpus": 0}
+    ).bind(limits)
     ingress = serve.deployment(
         Ingress,
         name="Ingress",
         max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+        graceful_shutdown_timeout_s=GRACE_S,
         autoscaling_config={
             "min_replicas": args.min_replicas,
             "max_replicas": args.max_replicas,
@@ -48,4 +62,4 @@ def build_app(args: dict | ServeArgs) -> serve.Application:
         },
         ray_actor_options={"num_cpus": 0.5},
     )
-    return ingress.bind(gateway, args.model_dump(), path, name)
+    return ingress.bind(gateway, limiter, args.model_dump(), path, name)

@@ -6,8 +6,10 @@ here, generation in the gateway deployment it holds a handle to.
 
 # No `from __future__ import annotations` here: Serve re-wraps the endpoint methods and
 # FastAPI must see real annotations to recognise `request: Request`.
+import asyncio
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from expertmesh.ernie.config import ModelConfig
 from expertmesh.ernie.tokenizer import load_tokenizer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,15 +27,38 @@ from . import openai_protocol as op
 from . import openai_responses as resp
 from .metrics import Metrics
 from .multiplex import Choice, Mux, merged
+from .ratelimit import load_keys
 
 log = logging.getLogger(__name__)
-app = FastAPI(title="expertmesh", description="OpenAI-compatible ERNIE 4.5 MoE serving")
+# the docs need a key when keys are set, so they are endpoints of the ingress (below)
+app = FastAPI(
+    title="expertmesh",
+    description="OpenAI-compatible ERNIE 4.5 MoE serving",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
+HEALTH_TIMEOUT_S = 0.9  # /health answers within a second, whatever the gateway is doing
+PARSE_IN_THREAD_BYTES = 256 * 1024  # bodies past this are parsed off the event loop
+
+
+def retry_headers(e: op.APIError) -> dict | None:
+    """Retry-After (whole seconds) and retry-after-ms on 429 and 503."""
+    if e.status not in (429, 503):
+        return None
+    wait = getattr(e, "retry_after_s", 1.0)
+    return {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(int(wait * 1e3))}
+
+
+def too_many(message: str, retry_after_s: float, type: str | None = None, code=None):
+    e = op.APIError(429, message, type, code=code)
+    e.retry_after_s = retry_after_s
+    return e
 
 
 @app.exception_handler(op.APIError)
 async def _api_error(request: Request, e: op.APIError):
-    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    return JSONResponse(e.body(), status_code=e.status, headers=retry_headers(e))
 
 
 @app.exception_handler(RequestValidationError)
@@ -56,21 +82,53 @@ async def _internal_error(request: Request, e: Exception):
     )
 
 
-async def _json_body(request: Request):
-    raw = await request.body()
+def _parse_json(raw: bytes):
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise op.bad_request(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise op.bad_request("the request body is nested too deeply") from None
+
+
+async def _json_body(request: Request, limit: int):
+    """The parsed body; 413 past `limit` bytes, without reading more than that."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(int(length), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if len(raw) > PARSE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(_parse_json, raw)
+    return _parse_json(raw)
+
+
+def _num_prompts(prompt) -> int:
+    """Prompts in a completions `prompt`: a text or token ids are one, a list of them many."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return len(prompt)
+    return 1
+
+
+def _too_large(size: int, limit: int) -> op.APIError:
+    message = f"the request body is {size}+ bytes; this server takes at most {limit}"
+    return op.APIError(413, message, "invalid_request_error", code="request_too_large")
 
 
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, gateway, args: dict, model_path: str, model_name: str):
+    def __init__(self, gateway, limiter, args: dict, model_path: str, model_name: str):
         self.gateway = gateway
         self.mux = Mux(gateway)
         self.args = ServeArgs.model_validate(args)
-        self.keys = self.args.keys()
+        self.keys = load_keys(self.args.api_keys, self.args.api_keys_file)
+        limited = any(lim.rpm or lim.tpm for lim in self.keys.values())
+        self.limiter = limiter if limited else None
         self.model_name = model_name
         self.names = {model_name, model_path, Path(model_path).name, ""}
         self.tokenizer = load_tokenizer(model_path)
@@ -83,14 +141,56 @@ class Ingress:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _auth(self, request: Request) -> None:
+    def _auth(self, request: Request) -> str | None:
+        """The request's API key (None when the server has none); 401 if it is not one."""
         if not self.keys:
-            return
+            return None
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if key not in self.keys:
             raise op.APIError(
                 401, "missing or invalid API key", "authentication_error", code="invalid_api_key"
+            )
+        return key
+
+    def _check_choices(self, num_prompts: int, n: int) -> int:
+        if num_prompts * n > self.args.max_choices_per_request:
+            raise op.bad_request(
+                f"this request asks for {num_prompts * n} completions ({num_prompts} prompts "
+                f"x n={n}); this server allows at most {self.args.max_choices_per_request}",
+                param="n",
+            )
+        return num_prompts * n
+
+    async def _admit(self, request: Request, prompts: list[list[int]], req) -> None:
+        """Bound the work one request may create, before anything is submitted: 400 past the
+        per-request limits, 429 past the key's rate limit or this replica's in-flight bound."""
+        n = self._check_choices(len(prompts), req.n)
+        ctx = await self._context()
+        max_tokens = req.requested_max_tokens or self.args.default_max_tokens
+        tokens = sum(len(p) + min(max_tokens, ctx - len(p)) for p in prompts) * req.n
+        if tokens > self.args.max_request_tokens:
+            raise op.bad_request(
+                f"this request may use {tokens} tokens (prompts + max_tokens, times n); "
+                f"this server allows at most {self.args.max_request_tokens} per request",
+                param="max_tokens",
+            )
+        key = request.state.api_key
+        if self.limiter is not None and key is not None:
+            over = await self.limiter.acquire.remote(key, tokens)
+            if over is not None:
+                raise too_many(
+                    f"rate limit reached for {over['limit']}: {over['per_minute']} per minute "
+                    f"for this API key; retry in {over['retry_after_s']:.2f}s",
+                    over["retry_after_s"],
+                    type=over["limit"],
+                    code="rate_limit_exceeded",
+                )
+        inflight = len(self.mux.queues)
+        if inflight + n > self.args.max_inflight:
+            raise too_many(
+                f"the server is at capacity ({inflight} requests in flight); retry shortly",
+                0.5,
             )
 
     def _check_model(self, model: str) -> None:
@@ -141,7 +241,7 @@ class Ingress:
     async def _handle(self, endpoint: str, request: Request, run):
         t0 = time.monotonic()
         try:
-            self._auth(request)
+            request.state.api_key = self._auth(request)
             return await run(t0)
         except op.APIError as e:
             self.metrics.requests.labels(endpoint, str(e.status)).inc()
@@ -151,11 +251,33 @@ class Ingress:
 
     @app.get("/health")
     async def health(self):
-        h = await self.gateway.health.remote()
+        """200 when the engine runs and every worker answers; else 503 with the reason, within
+        a second (a gateway that is deploying or restarting does not answer in time)."""
+        try:
+            h = await asyncio.wait_for(self.gateway.health.remote(), HEALTH_TIMEOUT_S)
+        except Exception as e:
+            reason = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
+            h = {"ready": False, "gateway": f"not answering ({reason}): starting or restarting"}
         if h["ready"]:
             return {"status": "ok", **h}
-        body = op.APIError(503, f"not ready: {h}", "service_unavailable").body()
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+        down = [k for k in ("engine", "workers") if h.get(k) is False] or ["gateway"]
+        e = op.APIError(503, f"not ready: {', '.join(down)} down: {h}", "service_unavailable")
+        return JSONResponse(e.body(), status_code=503, headers=retry_headers(e))
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        self._auth(request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        self._auth(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="expertmesh")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request):
+        self._auth(request)
+        return get_redoc_html(openapi_url="/openapi.json", title="expertmesh")
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -188,9 +310,9 @@ class Ingress:
     # -- chat -------------------------------------------------------------------------------
 
     async def _chat(self, request: Request, t0: float):
-        req = op.parse_chat_request(await _json_body(request))
+        req = op.parse_chat_request(await _json_body(request, self.args.max_body_bytes))
         self._check_model(req.model)
-        prompt = op.chat_prompt_ids(req, self.tokenizer)
+        prompt = await asyncio.to_thread(op.chat_prompt_ids, req, self.tokenizer)
         op.check_prompt(
             prompt,
             self.model_cfg.vocab_size,
@@ -198,6 +320,7 @@ class Ingress:
             req.requested_max_tokens,
             param="messages",
         )
+        await self._admit(request, [prompt], req)
         choices = self._choices(prompt, req, req.n)
         await self._start(choices)
         header = resp.chat_header(self.model_name)
@@ -230,12 +353,14 @@ class Ingress:
     # -- completions ------------------------------------------------------------------------
 
     async def _completions(self, request: Request, t0: float):
-        req = op.parse_completion_request(await _json_body(request))
+        req = op.parse_completion_request(await _json_body(request, self.args.max_body_bytes))
         self._check_model(req.model)
-        prompts = op.completion_prompts(req, self.tokenizer)
+        self._check_choices(_num_prompts(req.prompt), req.n)  # before tokenizing them all
+        prompts = await asyncio.to_thread(op.completion_prompts, req, self.tokenizer)
         ctx = await self._context()
         for p in prompts:
             op.check_prompt(p, self.model_cfg.vocab_size, ctx, req.requested_max_tokens)
+        await self._admit(request, prompts, req)
         choices = [
             c
             for i, p in enumerate(prompts)

@@ -51,7 +51,11 @@ class Mux:
 
     def abort(self, request_id: str) -> None:
         """Abort in the background (callable from a closing generator); the task is kept."""
-        task = asyncio.get_running_loop().create_task(self._abort(request_id))
+        # a fresh context: Serve cancels the calls a cancelled request made, and this abort
+        # is made because the request was cancelled (its client went away)
+        task = asyncio.get_running_loop().create_task(
+            self._abort(request_id), context=contextvars.Context()
+        )
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 

@@ -16,6 +16,7 @@ from ..config import ServeArgs
 from ..runtime.launch import start_ray
 
 log = logging.getLogger(__name__)
+APP = "expertmesh"
 
 
 def wait_healthy(url: str, timeout_s: float = 600) -> None:
@@ -34,27 +35,48 @@ def run_server(a: ServeArgs) -> int:
     started_ray = not ray.is_initialized()
     start_ray(a.address)
     stop = threading.Event()
+
+    def on_signal(*_):
+        if not serving.is_set():  # still deploying: stop waiting for it
+            raise KeyboardInterrupt
+        stop.set()
+
+    serving = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         serve.start(http_options={"host": a.host, "port": a.port})
-        serve.run(build_app(a), name="expertmesh", route_prefix="/")
+        serve.run(build_app(a), name=APP, route_prefix="/")
         host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
         url = f"http://{host}:{a.port}"
         wait_healthy(url)
+        serving.set()
         print(
             f"expertmesh: serving {a.resolve_model()[1]!r} at {url}/v1 (Ctrl-C stops)", flush=True
         )
         stop.wait()
         log.info("shutting down")
+    except KeyboardInterrupt:
+        log.info("interrupted; shutting down")
     finally:
         _shutdown(started_ray)
     return 0
 
 
-def _shutdown(started_ray: bool, serve_timeout_s: float = 30) -> None:
-    """Stop Serve, then Ray. A Ctrl-C in a terminal also reaches Ray's own processes, and
-    serve.shutdown() can then wait forever on a dead raylet: give it a deadline."""
+def _drain(timeout_s: float = 2.0) -> None:
+    """End in-flight requests with an error event, so that each open stream says why it ends."""
+    try:
+        gateway = serve.get_deployment_handle("Gateway", app_name=APP)
+        gateway.drain.remote("the server is shutting down").result(timeout_s=timeout_s)
+        time.sleep(0.3)  # the error events reach the clients
+    except Exception as e:  # not deployed yet, or already gone
+        log.info("no gateway to drain: %s", e)
+
+
+def _shutdown(started_ray: bool, serve_timeout_s: float = 6) -> None:
+    """Drain, stop Serve, then Ray: within 10 s. A Ctrl-C in a terminal also reaches Ray's own
+    processes, and serve.shutdown() can then wait forever on a dead raylet: give it a deadline."""
+    _drain()
     t = threading.Thread(target=serve.shutdown, daemon=True)
     t.start()
     t.join(serve_timeout_s)

@@ -58,6 +58,7 @@ class Gateway:
         self.loop = EngineLoop(LLMEngine(model, dispatcher, self.model_cfg, engine_cfg))
         self._probe: tuple[float, bool] = (0.0, True)  # (when, workers answered)
         self._channels: dict[str, _Channel] = {}
+        self._draining: str | None = None  # why new requests are refused, once draining
         log.info("gateway ready: %s transport, %d workers", cfg.transport, placement.num_shards)
 
     # -- requests ---------------------------------------------------------------------------
@@ -131,6 +132,8 @@ class Gateway:
 
     async def _refusal(self, rid: str) -> TokenEvent | None:
         """An error event when the request cannot be taken now (queue full, workers down)."""
+        if self._draining:
+            return error_event(rid, ErrorKind.UNAVAILABLE, self._draining)
         if self.loop.counts()[1] >= self.cfg.max_waiting:
             message = f"the waiting queue is full ({self.cfg.max_waiting} requests)"
             return error_event(rid, ErrorKind.OVERLOADED, message)
@@ -152,9 +155,14 @@ class Gateway:
     def abort(self, request_id: str) -> None:
         self.loop.abort(request_id)
 
+    def drain(self, message: str = "the server is shutting down") -> None:
+        """Refuse new requests and end every open one with an error event (before a stop)."""
+        self._draining = message
+        self.loop.drain(message)
+
     # -- state ------------------------------------------------------------------------------
 
-    async def health(self, timeout_s: float = 2.0) -> Health:
+    async def health(self, timeout_s: float = 0.5) -> Health:
         """Ready only when the engine runs and every expert worker answers."""
         workers_ok = True
         if self.link.workers is not None:

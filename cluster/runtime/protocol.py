@@ -37,6 +37,9 @@ class GatewayAPI(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    def drain(self, message: str) -> None:
+        """Refuse new requests and end every open one with an error event."""
+
     async def health(self) -> Health: ...
 
     def stats(self) -> dict[str, int]:
