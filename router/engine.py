@@ -19,7 +19,7 @@ from expertmesh.ernie.devices import compute_dtype
 from expertmesh.workers.experts import ExpertShard
 from expertmesh.workers.placement import ExpertPlacement
 
-from .batch import build_step
+from .attention_metadata import build_step
 from .dispatch import Dispatcher, LocalDispatcher
 from .events import ErrorKind, TokenEvent, error_event
 from .model import GatewayModel

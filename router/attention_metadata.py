@@ -1,4 +1,4 @@
-"""Turn a scheduler plan into the model's step inputs: flat tokens and paged-attention indices."""
+"""Attention metadata of one step: a scheduler plan as flat tokens and paged-attention indices."""
 
 from __future__ import annotations
 
