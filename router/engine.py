@@ -200,7 +200,7 @@ class LLMEngine:
             return []
         reqs = [self.requests[plan[i].seq.seq_id] for i in rows]
         sampled = sample(logits[rows], [r.params for r in reqs], [r.generator for r in reqs])
-        routing = self._routing(reqs, [int(last_index[i]) for i in rows])
+        routing = self._routing(reqs, last_index, rows)
         events = []
         for req, s, experts in zip(reqs, sampled, routing, strict=True):
             seq = req.seq
@@ -222,10 +222,12 @@ class LLMEngine:
                 ids.flatten().cpu(), minlength=self.model_cfg.num_experts
             )
 
-    def _routing(self, reqs: list[_Request], token_rows: list[int]) -> list:
+    def _routing(self, reqs: list[_Request], last_index: torch.Tensor, rows: list[int]) -> list:
         if not any(r.params.return_routed_experts for r in reqs):
             return [None] * len(reqs)
-        layers = self.model.routing()  # per MoE layer: [T, k]
+        index = last_index.tolist()  # one device sync, not one per row
+        token_rows = [index[i] for i in rows]
+        layers = [ids.cpu() for ids in self.model.routing()]  # per MoE layer: [T, k]
         return [
             [ids[row].tolist() for ids in layers] if r.params.return_routed_experts else None
             for r, row in zip(reqs, token_rows, strict=True)
