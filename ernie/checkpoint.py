@@ -92,9 +92,14 @@ class CheckpointReader:
         self.close()
 
 
+MTP_PREFIXES = ("model.mtp", "mtp")
+
+
 def _ignored(key: str) -> bool:
-    # multi-token-prediction heads are not used for inference
-    return key.startswith("mtp") or ".mtp" in key
+    """Multi-token-prediction tensors, not used for inference: the Hub's `model.mtp_block.*`,
+    `model.mtp_emb_norm.*`, `model.mtp_hidden_norm.*`, `model.mtp_linear_proj.*`, and
+    `mtp*` at the top level (as older checkpoints wrote them)."""
+    return key.startswith(MTP_PREFIXES)
 
 
 def layer_prefix(i: int) -> str:

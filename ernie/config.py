@@ -70,8 +70,10 @@ class ModelConfig:
     def from_dir(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         cfg_file = path / "config.json"
-        if not path.is_dir():
+        if not path.exists():
             raise ConfigError(f"model directory {str(path)!r} does not exist")
+        if not path.is_dir():
+            raise ConfigError(f"model path {str(path)!r} is not a directory")
         if not cfg_file.is_file():
             raise ConfigError(f"no config.json in {str(path)!r}")
         try:

@@ -2,8 +2,22 @@
 
 Written directly with safetensors (not `save_pretrained`), so the file layout is explicit and
 independent of the installed transformers: per-expert tensors, a float32 router gate, the
-`moe_statics.e_score_correction_bias` key, a dummy `mtp*` tensor, Hub shard names, plus a
+`moe_statics.e_score_correction_bias` key, the Hub's multi-token-prediction tensors
+(`model.mtp_block.0.*`, `model.mtp_emb_norm.0.weight`, `model.mtp_hidden_norm.0.weight`,
+`model.mtp_linear_proj.0.weight`; random, for loaders to skip), Hub shard names, plus a
 byte-level BPE tokenizer with ERNIE's chat template. Same seed => byte-identical tensors.
+
+Readable output (`readable_only`, on by default): a byte-level BPE needs its 256 byte symbols
+to encode any text, but a lone byte >= 0x80 (or a merge that cuts a character) is a partial
+UTF-8 sequence and decodes to U+FFFD, and bytes < 0x20 are control characters. A random model
+would emit them about as often as words. So the checkpoint gets an `lm_head.bias` (config
+`use_bias: true`; every other bias is zero, so the weights are those of the bias-free model)
+that is -S on the tokens that are not readable text on their own (and on the vocab padding and
+the specials a model never emits), with S chosen from the weights so that each of those logits
+is below every other token's by more than SUPPRESS_MARGIN, whatever the input: see
+`suppression_bias`. Softmax then gives them exactly zero probability in fp32/bf16 (for any
+temperature up to 2), so neither greedy nor sampled decoding can pick them, in transformers
+or in the engine (same logits).
 """
 
 from __future__ import annotations
@@ -11,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +36,7 @@ DEFAULT_TINY = dict(
     seed=0, experts=8, top_k=2, shared=1, layers=4, hidden=64, heads=4, kv_heads=2,
     head_dim=None, intermediate=None, moe_intermediate=None, moe_start=1, moe_end=-1,
     moe_interval=1, vocab=None, dtype="float32", tie_word_embeddings=True, use_bias=False,
-    shards=2,
+    shards=2, readable_only=True,
 )  # fmt: skip
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|begin_of_sentence|>", "<|end_of_sentence|>"]
@@ -38,6 +53,11 @@ CORRECTION_STD = 0.05  # e_score_correction_bias vs. probabilities ~1/E: flips ~
 NORM_NOISE = 0.1  # RMSNorm weights = 1 + NORM_NOISE * N(0, 1)
 BIAS_STD = 0.02  # linear biases when use_bias
 PAD_ROW_SCALE = 0.1  # embedding / lm_head rows of the vocab padding past the tokenizer
+# readable_only: the suppressed tokens' logits sit more than this below every other logit.
+# exp(-104) underflows to 0 in fp32 and bf16 softmax, so up to temperature 256/104 ~ 2.4 their
+# probability is exactly 0. Kept modest: logits stay small enough for 1e-4 parity in fp32.
+SUPPRESS_MARGIN = 256.0
+NEVER_EMITTED = (UNK, BOS, CLS)  # specials a model does not generate (EOS and SEP it does)
 
 # ERNIE 4.5's template; content may also be a list of {"type": "text", "text": ...} parts.
 CHAT_TEMPLATE = (
@@ -118,6 +138,30 @@ def tokenizer_size() -> int:
     return Tokenizer.from_str(tokenizer_json()).get_vocab_size(with_added_tokens=True)
 
 
+def is_readable(text: str) -> bool:
+    """Non-empty printable text: no U+FFFD, no control characters but newline and tab."""
+    return bool(text) and "\ufffd" not in text and all(c.isprintable() or c in "\n\t" for c in text)
+
+
+@functools.lru_cache(maxsize=1)
+def _unreadable_token_ids() -> tuple[int, ...]:
+    tok = Tokenizer.from_str(tokenizer_json())
+    never = {tok.token_to_id(t) for t in NEVER_EMITTED}
+    n = tok.get_vocab_size(with_added_tokens=True)
+    return tuple(
+        i
+        for i in range(n)
+        if i in never or not is_readable(tok.decode([i], skip_special_tokens=False))
+    )
+
+
+def suppressed_ids(vocab: int) -> list[int]:
+    """Ids a readable_only model never emits: the tokens that do not decode, alone, to
+    readable text (partial UTF-8 sequences, control bytes), <unk>, <s>,
+    <|begin_of_sentence|>, and the vocab padding past the tokenizer."""
+    return [*_unreadable_token_ids(), *range(tokenizer_size(), vocab)]
+
+
 def _write_tokenizer(out: Path) -> None:
     (out / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
     _write_json(out / "tokenizer_config.json", _tokenizer_config())
@@ -142,7 +186,7 @@ def _model_config(a: dict, vocab: int) -> dict:
         "rms_norm_eps": 1e-5,
         "max_position_embeddings": MAX_POSITIONS,
         "tie_word_embeddings": a["tie_word_embeddings"],
-        "use_bias": a["use_bias"],
+        "use_bias": a["use_bias"] or a["readable_only"],  # readable_only: an lm_head bias
         "moe_num_experts": a["experts"],
         "moe_k": a["top_k"],
         "moe_num_shared_experts": a["shared"],
@@ -168,11 +212,20 @@ def is_moe_layer(cfg: dict, i: int) -> bool:
 
 
 class _Init:
-    """Draws tensors in a fixed order from one seeded generator."""
+    """Draws tensors in a fixed order from one seeded generator.
 
-    def __init__(self, seed: int, dtype: torch.dtype):
+    `random_bias`: linear biases are drawn; otherwise they are zeros and draw nothing, so the
+    weights equal those of the same seed without biases."""
+
+    def __init__(self, seed: int, dtype: torch.dtype, random_bias: bool = True):
         self.g = torch.Generator().manual_seed(seed)
         self.dtype = dtype
+        self.random_bias = random_bias
+
+    def bias(self, n: int) -> torch.Tensor:
+        if self.random_bias:
+            return self.normal((n,), BIAS_STD)  # [n]
+        return torch.zeros(n, dtype=self.dtype)  # [n]
 
     def normal(self, shape, std: float, dtype=None) -> torch.Tensor:
         x = torch.randn(shape, generator=self.g, dtype=torch.float32) * std
@@ -188,7 +241,7 @@ class _Init:
 def _proj(init: _Init, t: dict, name: str, out: int, inp: int, bias: bool) -> None:
     t[f"{name}.weight"] = init.linear(out, inp)  # [out, in]
     if bias:
-        t[f"{name}.bias"] = init.normal((out,), BIAS_STD)  # [out]
+        t[f"{name}.bias"] = init.bias(out)  # [out]
 
 
 def _mlp(init: _Init, t: dict, p: str, hidden: int, inter: int, bias: bool) -> None:
@@ -227,9 +280,11 @@ def _embedding(init: _Init, v: int, h: int, n_tok: int) -> torch.Tensor:
     return w.to(init.dtype)
 
 
-def _tensors(cfg: dict, seed: int, n_tok: int) -> dict[str, torch.Tensor]:
+def _tensors(
+    cfg: dict, seed: int, n_tok: int, random_bias: bool, suppressed: Sequence[int]
+) -> dict[str, torch.Tensor]:
     """All tensors in Hub key order; the draw order is fixed so a seed pins every byte."""
-    init = _Init(seed, getattr(torch, cfg["dtype"]))
+    init = _Init(seed, getattr(torch, cfg["dtype"]), random_bias)
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     t = {"model.embed_tokens.weight": _embedding(init, v, h, n_tok)}  # [V, H]
     for i in range(cfg["num_hidden_layers"]):
@@ -245,9 +300,47 @@ def _tensors(cfg: dict, seed: int, n_tok: int) -> dict[str, torch.Tensor]:
     if not cfg["tie_word_embeddings"]:
         t["lm_head.weight"] = _embedding(init, v, h, n_tok)  # [V, H]
     if cfg["use_bias"]:
-        t["lm_head.bias"] = init.normal((v,), BIAS_STD)  # [V]
-    t["mtp_linear_proj.0.weight"] = init.linear(h, 2 * h)  # [H, 2H]; loaders must skip mtp*
+        t["lm_head.bias"] = init.bias(v)  # [V]
+    if suppressed:
+        head = t["lm_head.weight" if "lm_head.weight" in t else "model.embed_tokens.weight"]
+        bias = t["lm_head.bias"].float()
+        bias += suppression_bias(head, t["model.norm.weight"], bias, suppressed)
+        t["lm_head.bias"] = bias.to(init.dtype)
+    _mtp(init, t, cfg)
     return t
+
+
+def suppression_bias(
+    head: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor, suppressed: Sequence[int]
+) -> torch.Tensor:
+    """[V] to add to lm_head.bias: -S on `suppressed`, 0 elsewhere.
+
+    head: lm_head weight [V, H] (the embedding when tied); norm: final RMSNorm weight [H];
+    bias: the lm_head bias so far [V]. logit[v] = head[v] . (norm * u) + bias[v], where u is
+    the RMS-normalised final hidden state: ||u||^2 = H * ms / (ms + eps) < H for any input. So
+    |head[v] . (norm * u)| < ||head[v] * norm|| * sqrt(H), and with
+    S = 2 * max_v (||head[v] * norm|| * sqrt(H) + |bias[v]|) + margin, every suppressed logit is
+    more than the margin below every other logit, whatever the prompt. 1% slack covers the
+    rounding of bf16 weights and activations."""
+    w = head.float() * norm.float()  # [V, H]
+    reach = w.norm(dim=-1) * math.sqrt(head.shape[1]) + bias.float().abs()  # [V]
+    s = 2 * float(reach.max()) * 1.01 + SUPPRESS_MARGIN
+    out = torch.zeros(head.shape[0])  # [V]
+    out[list(suppressed)] = -s
+    return out
+
+
+def _mtp(init: _Init, t: dict, cfg: dict) -> None:
+    """The Hub's multi-token-prediction tensors (a decoder layer, two norms, a projection),
+    under `model.mtp_*`; transformers, vLLM and this reader skip them. No biases, as on the Hub."""
+    h, p = cfg["hidden_size"], "model.mtp_block.0"
+    t[f"{p}.input_layernorm.weight"] = init.norm(h)  # [H]
+    _attention(init, t, f"{p}.self_attn", {**cfg, "use_bias": False})
+    t[f"{p}.post_attention_layernorm.weight"] = init.norm(h)  # [H]
+    _mlp(init, t, f"{p}.mlp", h, cfg["intermediate_size"], bias=False)
+    t["model.mtp_emb_norm.0.weight"] = init.norm(h)  # [H]
+    t["model.mtp_hidden_norm.0.weight"] = init.norm(h)  # [H]
+    t["model.mtp_linear_proj.0.weight"] = init.linear(h, 2 * h)  # [H, 2H]
 
 
 def _split(sizes: list[int], shards: int) -> list[int]:
@@ -300,9 +393,12 @@ def make_tiny(
     out_dir, *, seed=0, experts=8, top_k=2, shared=1, layers=4, hidden=64, heads=4,
     kv_heads=2, head_dim=None, intermediate=None, moe_intermediate=None,
     moe_start=1, moe_end=-1, moe_interval=1, vocab=None, dtype="float32",
-    tie_word_embeddings=True, use_bias=False, shards=2,
+    tie_word_embeddings=True, use_bias=False, shards=2, readable_only=True,
 ) -> Path:  # fmt: skip
-    """Writes a tiny random ERNIE-4.5 MoE checkpoint (Hub layout) into out_dir; returns it."""
+    """Writes a tiny random ERNIE-4.5 MoE checkpoint (Hub layout) into out_dir; returns it.
+
+    readable_only: the model never emits a token that is not readable text on its own (see the
+    module docstring); it adds an lm_head bias (and zero biases elsewhere) to the checkpoint."""
     args = {k: v for k, v in locals().items() if k != "out_dir"}
     _check_args(args)
     n_tok = tokenizer_size()
@@ -319,5 +415,6 @@ def make_tiny(
     _write_json(
         out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": eos, "pad_token_id": 0}
     )
-    _save_weights(_tensors(cfg, seed, n_tok), out, shards)
+    suppressed = suppressed_ids(vocab) if readable_only else []
+    _save_weights(_tensors(cfg, seed, n_tok, use_bias, suppressed), out, shards)
     return out

@@ -10,6 +10,8 @@ import argparse
 import io
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -230,3 +232,20 @@ def test_api_base():
     assert api_base("http://h:8000") == "http://h:8000/v1"
     assert api_base("http://h:8000/") == "http://h:8000/v1"
     assert api_base("http://h:8000/v1/") == "http://h:8000/v1"
+
+
+def test_chat_command_prints_no_http_log_lines(server):
+    """`expertmesh chat` as a user runs it: the conversation only, no httpx/openai INFO lines
+    ("HTTP Request: POST ...") on stdout or stderr."""
+    url, _ = server
+    r = subprocess.run(
+        [sys.executable, "-m", "expertmesh.cluster.cli", "chat", "--url", url, "--api-key", KEY],
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "turn 1: you said hello\n"
+    assert "HTTP Request:" not in r.stdout + r.stderr
+    assert " INFO " not in r.stderr  # the client logs warnings only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from expertmesh.ernie.config import ConfigError, ModelConfig
 from expertmesh.router.engine import LLMEngine
 from expertmesh.router.model import GatewayModel
 from expertmesh.workers.experts import ExpertShard
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -85,7 +87,36 @@ def test_gateway_reads_no_routed_expert(make_checkpoint):
         GatewayModel.load(reader, cfg, torch.float32)
         assert reader.tensors_read
         assert not [k for k in reader.tensors_read if ".experts." in k]
-        assert not [k for k in reader.keys() if k.startswith("mtp")]  # mtp* ignored
+        assert not [k for k in reader.keys() if "mtp" in k]  # model.mtp_* ignored
+
+
+def test_mtp_tensors_are_skipped(ckpt):
+    """The Hub's `model.mtp_*` tensors (what make_tiny writes) and a top-level `mtp*` one (as
+    older checkpoints have it) are not model tensors: the reader lists neither."""
+    index_file = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    assert "model.mtp_linear_proj.0.weight" in index["weight_map"]
+    assert "model.mtp_block.0.self_attn.q_proj.weight" in index["weight_map"]
+    key = "model.layers.0.input_layernorm.weight"
+    f = shard_file_of(ckpt, key)
+    tensors = load_file(f)
+    tensors["mtp_linear_proj.0.weight"] = torch.zeros(64, 128)
+    save_file(tensors, f, metadata={"format": "pt"})
+    index["weight_map"]["mtp_linear_proj.0.weight"] = f.name
+    index_file.write_text(json.dumps(index))
+    with CheckpointReader(ckpt) as reader:
+        assert key in reader
+        assert not [k for k in reader.keys() if "mtp" in k]
+    engine = LLMEngine.from_checkpoint(ckpt)
+    assert torch.isfinite(engine.score([[5, 6, 7]])[0]).all()
+
+
+def test_single_file_checkpoint_skips_mtp(make_checkpoint):
+    path = make_checkpoint(experts=4, top_k=2, shards=1, seed=9)
+    with safe_open(path / "model.safetensors", "pt") as f:
+        assert "model.mtp_linear_proj.0.weight" in f.keys()
+    with CheckpointReader(path) as reader:
+        assert not [k for k in reader.keys() if "mtp" in k]
 
 
 def test_single_file_checkpoint(make_checkpoint):
@@ -130,3 +161,13 @@ def test_no_config(ckpt):
     (ckpt / "config.json").unlink()
     with pytest.raises(ConfigError, match="no config.json"):
         ModelConfig.from_dir(ckpt)
+
+
+def test_model_path_missing_or_a_file(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "nope")) + ".*does not exist"):
+        ModelConfig.from_dir(tmp_path / "nope")
+    (tmp_path / "file").write_text("{}")
+    with pytest.raises(
+        ConfigError, match=re.escape(str(tmp_path / "file")) + ".*is not a directory"
+    ):
+        ModelConfig.from_dir(tmp_path / "file")

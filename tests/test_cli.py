@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import CONFIGS, reference_model
+from expertmesh.cluster.cli.main import main
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.ernie.tokenizer import load_tokenizer
 
@@ -80,7 +82,8 @@ def test_generate_json_matches_transformers(make_checkpoint):
     logp = torch.log_softmax(logits, -1)[len(prompt) - 1 :]
     chosen = logp.gather(-1, torch.tensor(out["token_ids"])[:, None])[:, 0]
     assert torch.allclose(torch.tensor(out["logprobs"]), chosen, atol=1e-4)
-    assert len(out["top_logprobs"]) == 32 and len(out["top_logprobs"][0]) == 3
+    # up to 32 tokens: both stop at the first EOS
+    assert len(out["top_logprobs"]) == len(out["token_ids"]) and len(out["top_logprobs"][0]) == 3
     tok = load_tokenizer(path)
     assert out["text"] == tok.decode(out["token_ids"], skip_special_tokens=True)
 
@@ -107,3 +110,87 @@ def test_generate_errors(make_checkpoint, tmp_path):
     assert r.returncode != 0 and "outside the vocabulary" in r.stderr
     r = cli("generate", "--prompt-ids", "1", "--temperature", "-1", home=tmp_path)
     assert r.returncode == 2 and "--temperature" in r.stderr
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """`expertmesh ARGS` in this process: (exit status, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "command, args, flag",
+    [
+        ("generate", ["--max-tokens", "0"], "--max-tokens"),
+        ("generate", ["--top-p", "2"], "--top-p"),
+        ("serve", ["--workers", "x"], "--workers"),
+        ("serve", ["--workers", "0"], "--workers"),
+        ("bench engine", ["--tokens", "1"], "--tokens"),
+        ("make-tiny", ["d", "--top-k", "0"], "--top-k"),
+    ],
+)
+def test_argument_errors_show_the_subcommand_usage(capsys, command, args, flag):
+    code, out, err = run_main(capsys, *command.split(), *args)
+    assert code == 2 and out == ""
+    assert err.startswith(f"usage: expertmesh {command} [-h]"), err
+    last = err.splitlines()[-1]
+    assert last.startswith(f"expertmesh {command}: error: ") and flag in last
+
+
+def _not_a_model(tmp_path, kind: str):
+    if kind == "missing":
+        return tmp_path / "nope", "does not exist"
+    if kind == "file":
+        (tmp_path / "weights.bin").write_bytes(b"x")
+        return tmp_path / "weights.bin", "is not a directory"
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty", "no config.json"
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "no-config"])
+@pytest.mark.parametrize(
+    "command, args",
+    [
+        ("generate", ["--prompt", "hi"]),
+        ("generate", ["--prompt-ids", "1,2"]),
+        ("bench engine", ["--baseline", "none"]),
+    ],
+)
+def test_model_that_is_not_a_checkpoint(capsys, tmp_path, kind, command, args):
+    path, why = _not_a_model(tmp_path, kind)
+    code, out, err = run_main(capsys, *command.split(), *args, "--model", path)
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"expertmesh {command}: ")
+    assert str(path) in err and why in err and "tokenizer" not in err
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "no-config"])
+def test_serve_checks_the_model_before_starting_ray(capsys, tmp_path, monkeypatch, kind):
+    path, why = _not_a_model(tmp_path, kind)
+    monkeypatch.setitem(sys.modules, "expertmesh.cluster.cli.server", None)  # no Ray, no Serve
+    code, out, err = run_main(capsys, "serve", "--model", path, "--workers", 1)
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("expertmesh serve: ")
+    assert str(path) in err and why in err
+
+
+def test_generate_missing_model_as_a_user_runs_it(tmp_path):
+    r = cli("generate", "--model", tmp_path / "nonexistent", "--prompt", "hi")
+    assert r.returncode == 1 and r.stdout == ""
+    assert (
+        r.stderr
+        == f"expertmesh generate: model directory '{tmp_path / 'nonexistent'}' does not exist\n"
+    )
+
+
+def test_make_tiny_readable_only_flag(capsys, tmp_path):
+    small = ["--layers", 1, "--hidden", 16, "--heads", 2, "--kv-heads", 1, "--experts", 2]
+    code, out, _ = run_main(capsys, "make-tiny", tmp_path / "a", *small)
+    assert code == 0 and json.loads((tmp_path / "a" / "config.json").read_text())["use_bias"]
+    code, out, _ = run_main(capsys, "make-tiny", tmp_path / "b", "--no-readable-only", *small)
+    assert code == 0 and out.strip() == str(tmp_path / "b")
+    assert not json.loads((tmp_path / "b" / "config.json").read_text())["use_bias"]

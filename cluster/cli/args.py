@@ -32,6 +32,11 @@ class TinyArgs(BaseModel):
     moe_interval: int = Field(1, ge=1, description="MoE layer interval")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weight dtype")
     shards: int = Field(2, ge=1, description="safetensors files to split the weights over")
+    readable_only: bool = Field(
+        True,
+        description="the model never emits a token that is not readable text on its own "
+        "(partial UTF-8 bytes, control characters): an lm_head bias keeps them out",
+    )
 
 
 class EngineArgs(ClusterConfig):
@@ -113,8 +118,8 @@ def add_args(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
             kw.update(action="append", default=[])
             parser.add_argument(_flag(name, field), dest=name, **kw)
             continue
-        if kind is bool:
-            kw["action"] = "store_true"
+        if kind is bool:  # a default of True needs a --no-... flag to be turned off
+            kw["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
         elif typing.get_origin(kind) is Literal:
             kw["choices"] = list(typing.get_args(kind))
         elif typing.get_origin(kind) is list:
@@ -137,7 +142,10 @@ def add_args(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
 
 
 def parse(parser: argparse.ArgumentParser, model: type[BaseModel], ns: argparse.Namespace):
-    """Validate parsed flags into `model`; bad values exit with a usage error."""
+    """Validate parsed flags into `model`; bad values exit with a usage error.
+
+    `parser` is the one that defined the flags (a subcommand's), so that the usage line printed
+    with the error is that command's."""
     values = {k: v for k, v in vars(ns).items() if k in model.model_fields}
     try:
         return model(**values)

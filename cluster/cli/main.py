@@ -17,7 +17,18 @@ log = logging.getLogger("expertmesh")
 
 
 def resolve_model(model: str | None) -> Path:
-    return Path(model) if model else builtin_model_dir()
+    return Path(model).expanduser() if model else builtin_model_dir()
+
+
+def checked_model(model: str | None) -> Path:
+    """--model's directory (default: the built-in model), checked before anything starts: a
+    path that does not exist, is not a directory or has no usable config.json is a one-line
+    error naming it (ConfigError, reported by `main`)."""
+    from expertmesh.ernie.config import ModelConfig
+
+    path = resolve_model(model)
+    ModelConfig.from_dir(path)
+    return path
 
 
 def cmd_make_tiny(a: TinyArgs) -> int:
@@ -55,7 +66,7 @@ def cmd_generate(a: GenerateArgs) -> int:
 
     from .engine_factory import open_engine
 
-    path = resolve_model(a.model)
+    path = checked_model(a.model)
     tokenizer = load_tokenizer(path)
     ids = prompt_ids(a, tokenizer)
     params = SamplingParams(
@@ -94,6 +105,8 @@ def cmd_generate(a: GenerateArgs) -> int:
 def cmd_bench_engine(a: BenchEngineArgs) -> int:
     from .bench_engine import bench_engine
 
+    if a.model:  # default: a medium random checkpoint, made on the fly
+        checked_model(a.model)
     bench_engine(a)
     return 0
 
@@ -106,6 +119,8 @@ def cmd_bench_http(a: BenchHttpArgs) -> int:
 
 
 def cmd_serve(a: ServeArgs) -> int:
+    if not a.address:  # a local Ray: the checkpoint must be here; checked before Ray starts
+        checked_model(a.resolve_model()[0])
     from .server import run_server
 
     return run_server(a)
@@ -113,9 +128,10 @@ def cmd_serve(a: ServeArgs) -> int:
 
 def _command(sub, name: str, help: str, args_model, run) -> None:
     """A subcommand whose flags are the fields of `args_model`."""
-    p = sub.add_parser(name, help=help)
+    p = sub.add_parser(name, help=help, description=help)
     add_args(p, args_model)
-    p.set_defaults(args_model=args_model, run=run)
+    # the subcommand's own parser reports bad values, with its own usage line
+    p.set_defaults(args_model=args_model, run=run, parser=p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,21 +169,36 @@ def pin_local_ray_to_loopback(ns: argparse.Namespace) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+# HTTP client libraries log each request at INFO ("HTTP Request: POST ..."): noise in a chat,
+# a benchmark or serve's health polling. They log at WARNING unless --verbose.
+CHATTY_LOGGERS = ("httpx", "httpcore", "openai")
+
+
+def configure_logging(command: str, verbose: bool) -> None:
+    """INFO for the commands that run a model (progress, placement); the chat client writes the
+    conversation to the terminal, so it logs warnings only."""
+    quiet = command == "chat"
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if not verbose:
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    sub: argparse.ArgumentParser = ns.parser
+    args = parse(sub, ns.args_model, ns)  # exits 2 with the subcommand's usage on a bad value
     pin_local_ray_to_loopback(ns)
-    logging.basicConfig(
-        level=logging.DEBUG if ns.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(ns.command, ns.verbose)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = parse(parser, ns.args_model, ns)
     try:
         return ns.run(args)
     except (ValueError, FileNotFoundError) as e:  # config and checkpoint errors
-        print(f"expertmesh {ns.command}: {e}", file=sys.stderr)
+        print(f"{sub.prog}: {e}", file=sys.stderr)
         return 1
 
 
