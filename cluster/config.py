@@ -147,6 +147,7 @@ class ServeArgs(ClusterConfig):
 
 
 BUILTIN_NAME = "ernie-tiny"
+BUILTIN_VERSION = 2  # bumped when make_tiny's output changes, so no stale cached copy is served
 
 
 def default_home() -> Path:
@@ -155,7 +156,7 @@ def default_home() -> Path:
 
 def builtin_model_dir() -> Path:
     """The built-in default model: a small random ERNIE 4.5 MoE, made on first use."""
-    path = default_home() / BUILTIN_NAME
+    path = default_home() / f"{BUILTIN_NAME}-v{BUILTIN_VERSION}"
     if (path / "config.json").is_file():
         return path
     from expertmesh.ernie.tiny import make_tiny
