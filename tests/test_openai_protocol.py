@@ -314,7 +314,10 @@ def test_stop_spanning_tokens_is_cut_exactly(tok):
 def test_stop_at_the_start_and_earliest_of_several(tok):
     ids = tok.encode("Hello there, the sea", add_special_tokens=False)
     s, _ = stream_all(tok, ids, stop=["Hello"])
-    assert s.text == "" and s.stopped and s.tokens == []
+    assert s.text == "" and s.stopped
+    # the stop string's tokens were generated: counted, with logprobs, at the end of the text
+    assert [t.token_id for t in s.tokens] == ids[: s.num_tokens] and s.num_tokens >= 1
+    assert all(t.offset == 0 for t in s.tokens)
     s, _ = stream_all(tok, ids, stop=["sea", "there", ", "])
     assert s.text == "Hello "
 
@@ -333,12 +336,16 @@ def test_held_tail_released_when_disambiguated(tok):
 def test_stop_tokens_make_no_text_and_pushes_after_stop_are_ignored(tok):
     ids = tok.encode("Hello", add_special_tokens=False)
     s, deltas = stream_all(tok, [*ids, 2], stop_ids=EOS)
-    assert s.text == "Hello" and len(s.tokens) == len(ids) and s.num_tokens == len(ids) + 1
+    assert s.text == "Hello" and s.num_tokens == len(ids) + 1
+    # the EOS is counted and has its entry, with no text, at the end of the text
+    assert [t.token_id for t in s.tokens] == [*ids, 2] and s.tokens[-1].offset == len("Hello")
+    assert deltas[-2].tokens[-1].token_id == 2 or deltas[-1].tokens[-1].token_id == 2
     s = TextStream(tok, stop=["ll"])
     for t in ids:
         s.push(t)
+    n = s.num_tokens
     assert s.stopped and s.push(5).text == "" and s.finish().stopped
-    assert s.num_tokens == len(ids) + 1
+    assert s.num_tokens == n == len(s.tokens)  # pushes after the stop are not counted
 
 
 def test_incomplete_character_is_flushed_at_finish(tok):
@@ -562,7 +569,7 @@ def checkpoint_params(path) -> int:
     for f in path.glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
-                if not k.startswith("mtp"):
+                if not k.startswith(("mtp", "model.mtp")):
                     n += math.prod(st.get_slice(k).get_shape())
     return n
 

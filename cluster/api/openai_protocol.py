@@ -7,8 +7,15 @@ the Serve app calls these and moves the bytes.
 Decisions: presence/frequency penalties and logit_bias are accepted only when 0 / empty (the
 sampler has none), `echo` is refused, image parts are refused (text models), the `developer`
 role renders as `system` (ERNIE's template knows no other), stop strings must be non-empty.
+Text (message contents, text prompts, stop strings) must be valid Unicode: a lone surrogate
+(JSON allows `"\\udfff"`) is a 400 naming the field. User text is encoded as text: a
+special-token string in a message or a text prompt is its characters, never the special token
+(see `expertmesh.ernie.tokenizer`); only the chat template writes special tokens.
+Usage and logprobs agree: `completion_tokens` counts every token generated for the returned
+choice, the EOS that ended it and the tokens of a stop string included, and each of them has
+a logprob entry (an EOS entry names the token, with no bytes: the text leaves it out).
 Extensions: `return_routed_experts` on requests; `routed_experts` per choice ([tokens][moe
-layers][k], for the tokens whose text is returned) and `active_params_per_token` / `flops` in
+layers][k], one per counted token, like logprobs) and `active_params_per_token` / `flops` in
 `usage`.
 """
 
@@ -18,6 +25,7 @@ from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from expertmesh.ernie.tokenizer import chat_prompt_ids as render_chat
+from expertmesh.ernie.tokenizer import encode_text
 from expertmesh.router.events import ErrorKind, TokenEvent
 from expertmesh.router.sampling import SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -53,12 +61,33 @@ class APIError(Exception):
     def body(self) -> dict:
         return {
             "error": {
-                "message": self.message,
+                "message": _printable(self.message),
                 "type": self.type,
-                "param": self.param,
+                "param": _printable(self.param),
                 "code": self.code,
             }
         }
+
+
+def _printable(s):
+    """`s` with lone surrogates (from the request's JSON) escaped, so the body encodes as UTF-8."""
+    if not isinstance(s, str) or s.isascii():
+        return s
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unicode_error(text: str) -> str | None:
+    """Why `text` is not valid Unicode (a lone surrogate: no tokenizer encodes one), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (
+            f"must be valid Unicode text; it holds a lone surrogate "
+            f"({_printable(text[e.start])}) at index {e.start}"
+        )
+    return None
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -153,12 +182,17 @@ class _Sampling(_Strict):
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, v):
-        if v is None or isinstance(v, str) and v:
+        if v is None:
             return v
-        if isinstance(v, list) and len(v) <= MAX_STOP_STRINGS:
-            if all(isinstance(s, str) and s for s in v):
-                return v
-        raise ValueError(f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS}")
+        stops = [v] if isinstance(v, str) else v
+        if not (isinstance(stops, list) and len(stops) <= MAX_STOP_STRINGS) or not all(
+            isinstance(s, str) and s for s in stops
+        ):
+            raise ValueError(f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS}")
+        for s in stops:
+            if err := unicode_error(s):
+                raise ValueError(err)
+        return v
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -201,6 +235,8 @@ class ContentPart(_Strict):
             raise ValueError(f"content parts of type {self.type!r} are not supported")
         if self.text is None:
             raise FieldError("text", "a text part needs 'text'")
+        if err := unicode_error(self.text):
+            raise FieldError("text", err)
         return self
 
 
@@ -219,6 +255,8 @@ class ChatMessage(_Strict):
         if v is None:
             return []
         if isinstance(v, str):
+            if err := unicode_error(v):
+                raise ValueError(err)
             return [{"type": "text", "text": v}]
         if isinstance(v, list):
             return v
@@ -292,6 +330,8 @@ def _check_prompt_shape(v) -> None:
     if isinstance(v, str):
         if not v:
             raise ValueError("the prompt is empty")
+        if err := unicode_error(v):
+            raise ValueError(err)
         return
     if not isinstance(v, list) or not v:
         raise ValueError(
@@ -300,6 +340,9 @@ def _check_prompt_shape(v) -> None:
     if all(isinstance(x, str) for x in v):
         if not all(v):
             raise ValueError("a prompt in the list is empty")
+        for i, x in enumerate(v):
+            if err := unicode_error(x):
+                raise FieldError(str(i), err)
     elif all(isinstance(x, list) for x in v):
         if not all(x and all(_is_id(t) for t in x) for x in v):
             raise ValueError("token-id prompts must be non-empty lists of integers")
@@ -329,27 +372,46 @@ _TEMPLATE_ROLES = {"developer": "system"}
 
 
 def chat_prompt_ids(req: ChatCompletionRequest, tokenizer) -> list[int]:
-    """The conversation rendered with the checkpoint's chat template, as token ids."""
+    """The conversation rendered with the checkpoint's chat template, as token ids.
+
+    The template writes the special tokens; the messages' text is encoded as text, so
+    `"</s><|begin_of_sentence|>"` in a message cannot forge a turn. Messages without
+    special-token strings get exactly the ids of transformers' `apply_chat_template`.
+    """
     if not req.messages:
         raise bad_request("messages must hold at least one message", "messages")
     msgs = [{"role": _TEMPLATE_ROLES.get(m.role, m.role), "content": m.text} for m in req.messages]
     try:
         return render_chat(tokenizer, msgs)
-    except Exception as e:  # the template's own checks (raise_exception) and Jinja errors
-        msg = f"the chat template cannot render these messages: {e}"
+    except Exception as e:  # the template's checks (raise_exception), Jinja and encoding errors
+        msg = f"the messages cannot be rendered with the chat template and tokenized: {e}"
         raise bad_request(msg, "messages") from e
 
 
 def completion_prompts(req: CompletionRequest, tokenizer) -> list[list[int]]:
-    """One list of token ids per prompt, whichever of the four forms the request used."""
+    """One list of token ids per prompt, whichever of the four forms the request used.
+
+    A text prompt is plain text: a special-token string in it (`"</s>"`) is encoded as its
+    characters, the same rule as for chat messages. A client that means special tokens sends
+    token ids, which are taken as they are. (vLLM parses special-token strings in text prompts;
+    we do not, so that a prompt assembled from untrusted text cannot inject control tokens.)
+    Text without such strings gets exactly `tokenizer.encode(text)`, as before.
+    """
     p = req.prompt
     if isinstance(p, str):
-        return [tokenizer.encode(p)]
+        return [_encode_prompt(tokenizer, p, "prompt")]
     if all(isinstance(x, str) for x in p):
-        return [tokenizer.encode(x) for x in p]
+        return [_encode_prompt(tokenizer, x, f"prompt.{i}") for i, x in enumerate(p)]
     if all(_is_id(x) for x in p):
         return [list(p)]
     return [list(x) for x in p]
+
+
+def _encode_prompt(tokenizer, text: str, param: str) -> list[int]:
+    try:
+        return encode_text(tokenizer, text)
+    except Exception as e:  # text the tokenizer cannot encode is the request's fault
+        raise bad_request(f"{param}: the text cannot be tokenized: {e}", param) from e
 
 
 def check_prompt(
@@ -415,8 +477,12 @@ def sampling_params(
 
 
 def text_stream(req, tokenizer, stop_token_ids: Iterable[int] = ()) -> TextStream:
-    """A TextStream for one choice of `req`; pass the model's EOS ids as stop_token_ids."""
-    return TextStream(tokenizer, req.stop_list, stop_token_ids)
+    """A TextStream for one choice of `req`; pass the model's EOS ids as stop_token_ids.
+
+    With `ignore_eos` the engine goes on past EOS, so an EOS is an ordinary token of the
+    answer (it decodes to no text) rather than the stop token that ends it.
+    """
+    return TextStream(tokenizer, req.stop_list, () if req.ignore_eos else stop_token_ids)
 
 
 def finish_reason(engine_reason: str | None, stream: TextStream) -> str | None:

@@ -10,6 +10,7 @@ from functools import lru_cache
 from typing import Any
 
 from expertmesh.ernie.config import ModelConfig
+from expertmesh.ernie.tokenizer import specials
 
 from .openai_protocol import MIN_LOGPROB
 from .textstream import Delta, TextStream, TokenInfo, token_bytes, token_text
@@ -62,11 +63,13 @@ def _lp(logprob: float | None) -> float:
 def _chat_entry(tokenizer, token_id: int, logprob: float | None) -> dict:
     raw = token_bytes(tokenizer, token_id)
     token = raw.decode("utf-8", errors="backslashreplace")
-    return {"token": token, "logprob": _lp(logprob), "bytes": list(raw)}
+    # a special token (EOS) is named, but adds no bytes: the text leaves it out
+    text_bytes = [] if token_id in specials(tokenizer).ids else list(raw)
+    return {"token": token, "logprob": _lp(logprob), "bytes": text_bytes}
 
 
 def chat_logprobs(tokens: list[TokenInfo], tokenizer) -> dict:
-    """`choice.logprobs` of the chat format."""
+    """`choice.logprobs` of the chat format: one entry per counted token (see textstream)."""
     content = [
         {
             **_chat_entry(tokenizer, t.token_id, t.logprob),
@@ -78,7 +81,8 @@ def chat_logprobs(tokens: list[TokenInfo], tokenizer) -> dict:
 
 
 def completion_logprobs(tokens: list[TokenInfo], tokenizer) -> dict:
-    """`choice.logprobs` of the completions format; each top dict holds the chosen token too."""
+    """`choice.logprobs` of the completions format; each top dict holds the chosen token too.
+    One entry per counted token (see textstream)."""
     names = [token_text(tokenizer, t.token_id) for t in tokens]
     tops = [
         {name: _lp(t.logprob)}

@@ -2,21 +2,36 @@
 
 `TextStream` turns the engine's token ids into text as they arrive. It never releases half a
 character: with byte-level BPE (and SentencePiece byte fallback) one UTF-8 character can span
-several tokens, and a decode that ends in U+FFFD is held until the character completes. Stop
-strings cut the text before their first occurrence; a tail that could still grow into a stop
-string is held until it is clear either way. Text is released token by token, so each released
-token's text is exactly the text released with it (its logprob goes out in the same chunk).
+several tokens, and a decode that ends in U+FFFD holds back only the tokens from the last
+character boundary on, and only while their bytes end in the first bytes of a character that
+later tokens can still complete: at most 3 bytes (a UTF-8 character has at most 4), so at most
+3 tokens with bytes (more only when tokens straddle characters: a token that ends one and
+starts the next waits with the one it starts). Bytes that can no longer become a character are
+released at once as the U+FFFD the final decode shows, so broken bytes stream token by token.
+Stop strings cut the text before their first occurrence; a tail that could still grow into a
+stop string is held until it is clear either way. Text is released token by token, so each
+released token's text is exactly the text released with it (its logprob goes out in the same
+chunk).
 
 The invariant: once finished, `text` == `tokenizer.decode(ids, skip_special_tokens=True)` cut
 before the first stop string, where `ids` are the pushed tokens minus the stop tokens.
+
+One entry per counted token: every token pushed before the stream finished is counted in
+`num_tokens` and, once finished, is in `tokens` (hence has a logprob entry): the tokens of the
+text, a stop token (the model's EOS: no text), and the tokens that made up a stop string (no
+text; their offset is the end of the text). Usage reports `num_tokens`, so usage and logprobs
+agree. Tokens pushed after a stop string ended the stream are ignored and not counted.
 """
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+
+from expertmesh.ernie.tokenizer import specials
 
 INCOMPLETE = "\ufffd"  # what a decode shows for bytes that are not (yet) a whole character
 
@@ -42,7 +57,9 @@ class Delta:
 @dataclass
 class _Pending:
     info: TokenInfo
+    upto: int  # its text is complete once this many ids are decoded
     end: int | None = None  # where its text ends, once its characters are complete
+    textless: bool = False  # a stop token: no text, starts where the text before it ends
 
 
 class TextStream:
@@ -54,7 +71,7 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.stop_token_ids = frozenset(stop_token_ids)
-        self.num_tokens = 0  # every pushed token, stop tokens and those after a stop string too
+        self.num_tokens = 0  # tokens pushed before the stream finished, stop tokens included
         self.stopped = False  # ended by a stop string
         self.finished = False
         self.tokens: list[TokenInfo] = []  # every released token
@@ -77,15 +94,15 @@ class TextStream:
         top_logprobs: Sequence[Sequence] | None = None,
         routed_experts: list[list[int]] | None = None,
     ) -> Delta:
-        self.num_tokens += 1
         if self.finished:
             return Delta(stopped=self.stopped)
-        if token_id in self.stop_token_ids:
-            return Delta()  # EOS and friends end the text; they have none
+        self.num_tokens += 1
         top = [(int(t), float(lp)) for t, lp in top_logprobs] if top_logprobs else top_logprobs
         info = TokenInfo(int(token_id), logprob, top, routed_experts, len(self._decoded))
-        self._ids.append(int(token_id))
-        self._pending.append(_Pending(info))
+        textless = token_id in self.stop_token_ids  # EOS and friends end the text; no text
+        if not textless:
+            self._ids.append(int(token_id))
+        self._pending.append(_Pending(info, len(self._ids), textless=textless))
         self._decode(final=False)
         return self._after_decode(final=False)
 
@@ -107,21 +124,42 @@ class TextStream:
     # -- decoding ---------------------------------------------------------------------------
 
     def _decode(self, final: bool) -> None:
-        """Decode the window's new tokens into _decoded, unless they end mid-character."""
+        """Decode the window's new tokens into _decoded, but for a character still incomplete."""
+        n = len(self._ids)
+        text = self._decode_ids(self._ids[self._prefix :])
+        if text.endswith(INCOMPLETE) and not final:
+            n = self._decodable()
+            if n < len(self._ids):
+                text = self._decode_ids(self._ids[self._prefix : n])
         prefix = self._decode_ids(self._ids[self._prefix : self._read])
-        full = self._decode_ids(self._ids[self._prefix :])
-        if full.endswith(INCOMPLETE) and not final:
-            return  # wait for the rest of the character
-        new = full[len(prefix) :]
+        new = text[len(prefix) :]
         if new:
             self._decoded += new
-            self._prefix, self._read = self._read, len(self._ids)
+            self._prefix, self._read = self._read, n
         for p in self._pending:
-            if p.end is None:
+            if p.end is None and p.upto <= n:
                 p.end = len(self._decoded)
+                if p.textless:
+                    p.info.offset = p.end
 
     def _decode_ids(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def _decodable(self) -> int:
+        """How many ids decode for good now: up to the last token boundary that no character
+        straddles (special tokens, which the decode skips, have no bytes). The tokens after it
+        hold the first bytes of a character that later tokens can still complete."""
+        skipped = specials(self.tokenizer).ids
+        held = [b"" if t in skipped else self._bytes(t) for t in self._ids[self._read :]]
+        data, n, pos = b"".join(held), self._read, 0
+        for i, b in enumerate(held):
+            pos += len(b)
+            if _char_boundary(data, pos):
+                n = self._read + i + 1
+        return n
+
+    def _bytes(self, token_id: int) -> bytes:
+        return token_bytes(self.tokenizer, token_id)
 
     # -- stop strings and release -----------------------------------------------------------
 
@@ -161,10 +199,12 @@ class TextStream:
         return self._emit(n, end, stopped=False)
 
     def _stop_at(self, cut: int) -> Delta:
-        """Release the text before `cut` and the tokens that contributed to it; drop the rest."""
-        n = sum(1 for p in self._pending if p.info.offset < cut)
+        """Release the text before `cut` and every held token: those of the stop string too
+        (they were generated and are counted), with offsets no further than `cut`."""
+        for p in self._pending:
+            p.info.offset = min(p.info.offset, cut)
         self.stopped = self.finished = True
-        return self._emit(n, cut, stopped=True)
+        return self._emit(len(self._pending), cut, stopped=True)
 
     def _emit(self, n: int, end: int, stopped: bool) -> Delta:
         released = [p.info for p in self._pending[:n]]
@@ -173,6 +213,20 @@ class TextStream:
         self._released = max(self._released, end)
         self.tokens.extend(released)
         return Delta(text, released, stopped)
+
+
+def _char_boundary(data: bytes, pos: int) -> bool:
+    """Whether no character of `data`'s UTF-8 decode (U+FFFD for bad bytes) straddles `pos`."""
+    _, used = codecs.utf_8_decode(data[:pos], "replace", False)  # stops before a valid tail
+    if used == pos:
+        return True
+    if pos == len(data):
+        return False  # the tail may still become a character
+    try:  # the next byte either continues the tail or ends it as U+FFFD right at `pos`
+        codecs.utf_8_decode(data[used : pos + 1], "strict", False)
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 # -- token strings for logprobs ---------------------------------------------------------------
