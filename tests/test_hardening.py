@@ -280,3 +280,20 @@ def test_sigterm_ends_streams_with_an_error_and_stops_within_10s(ckpt, tmp_path)
     for events in results:
         errors = [e for e in events if isinstance(e, dict) and "error" in e]
         assert errors and "shutting down" in errors[0]["error"]["message"], events[-3:]
+
+
+def test_ctrl_c_in_a_terminal_stops_everything_within_10s(ckpt, tmp_path):
+    """(9) Ctrl-C reaches the whole process group, Ray's own processes included (a dead GCS
+    made the shutdown wait a minute): still done within 10 s, nothing left behind."""
+    s = Server("--model", str(ckpt), "--workers", "2", log_path=tmp_path / "serve.log")
+    family = descendants(s.proc.pid) | {s.proc.pid}
+    t0 = time.monotonic()
+    __import__("os").killpg(s.proc.pid, signal.SIGINT)  # the server leads its own group
+    s.proc.wait(30)
+    took = time.monotonic() - t0
+    deadline = time.monotonic() + 10
+    while alive(family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = alive(family)
+    assert s.stop() == set()
+    assert took < 10 and not left, (took, left)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import threading
 import time
 
 import httpx
+import psutil
 import ray
 from ray import serve
 
@@ -73,14 +76,43 @@ def _drain(timeout_s: float = 2.0) -> None:
         log.info("no gateway to drain: %s", e)
 
 
-def _shutdown(started_ray: bool, serve_timeout_s: float = 6) -> None:
-    """Drain, stop Serve, then Ray: within 10 s. A Ctrl-C in a terminal also reaches Ray's own
-    processes, and serve.shutdown() can then wait forever on a dead raylet: give it a deadline."""
-    _drain()
-    t = threading.Thread(target=serve.shutdown, daemon=True)
+def _within(fn, timeout_s: float) -> bool:
+    """Run `fn` on a daemon thread for at most `timeout_s`; whether it finished."""
+    t = threading.Thread(target=fn, daemon=True)
     t.start()
-    t.join(serve_timeout_s)
-    if t.is_alive():
-        log.warning("Serve did not shut down within %.0fs; stopping Ray anyway", serve_timeout_s)
-    if started_ray:
-        ray.shutdown()
+    t.join(max(0.1, timeout_s))
+    return not t.is_alive()
+
+
+def _shutdown(started_ray: bool, deadline_s: float = 9.0) -> None:
+    """Drain, stop Serve, then Ray, within `deadline_s` whatever state Ray is in.
+
+    A Ctrl-C in a terminal reaches Ray's own processes too (they share the terminal's process
+    group), and serve.shutdown() or ray.shutdown() can then wait a minute on a dead GCS. Past
+    the deadline, the processes this command started are ended by PID and it exits.
+    """
+    end = time.monotonic() + deadline_s
+    _within(_drain, 2.5)
+    if not _within(serve.shutdown, end - time.monotonic() - 2.0):
+        log.warning("Serve did not shut down in time; stopping Ray anyway")
+    if not started_ray:
+        return
+    if _within(ray.shutdown, end - time.monotonic() - 0.5):
+        _end_children(0.0)
+        return
+    log.warning("Ray did not shut down in time; ending its processes")
+    _end_children(0.5)
+    logging.shutdown()
+    os._exit(0)  # a stuck ray.shutdown() would also hang the interpreter's exit
+
+
+def _end_children(grace_s: float) -> None:
+    """SIGTERM, then SIGKILL, every process below this one that is still alive."""
+    children = psutil.Process().children(recursive=True)
+    for c in children:
+        with contextlib.suppress(psutil.Error):
+            c.terminate()
+    _, left = psutil.wait_procs(children, timeout=grace_s)
+    for c in left:
+        with contextlib.suppress(psutil.Error):
+            c.kill()
