@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServeArgs
@@ -76,6 +77,9 @@ async def _http_error(request: Request, e: StarletteHTTPException):
 
 @app.exception_handler(Exception)
 async def _internal_error(request: Request, e: Exception):
+    if isinstance(e, TaskCancelledError):  # the client went away; nobody reads this answer
+        log.debug("%s: cancelled, the client went away", request.url.path)
+        return Response(status_code=499)
     log.exception("unhandled error on %s", request.url.path)
     return JSONResponse(
         op.APIError(500, f"internal error: {e}", "internal_error").body(), status_code=500

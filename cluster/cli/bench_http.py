@@ -10,19 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
+from ..runtime.resources import free_port
 from .args import BenchHttpArgs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _one(client, model: str, i: int, max_tokens: int) -> tuple[float, int]:
@@ -73,7 +67,7 @@ async def _level(url: str, key: str | None, c: int, a: BenchHttpArgs) -> dict:
 
 
 def _start_server(a: BenchHttpArgs) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",

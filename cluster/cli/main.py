@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import ServeArgs, builtin_model_dir
 from .args import BenchEngineArgs, BenchHttpArgs, GenerateArgs, TinyArgs, add_args, parse
+from .bench_soak import SoakArgs
 from .chat import ChatArgs, run_chat
 
 log = logging.getLogger("expertmesh")
@@ -111,6 +112,13 @@ def cmd_bench_engine(a: BenchEngineArgs) -> int:
     return 0
 
 
+def cmd_bench_soak(a) -> int:
+    from .bench_soak import bench_soak
+
+    bench_soak(a)
+    return 0
+
+
 def cmd_bench_http(a: BenchHttpArgs) -> int:
     from .bench_http import bench_http
 
@@ -158,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _command(
         bench, "http", "throughput and TTFT through the HTTP API", BenchHttpArgs, cmd_bench_http
+    )
+    _command(
+        bench,
+        "soak",
+        "hold a load with disconnects and bad requests; tok/s, errors and RSS over time",
+        SoakArgs,
+        cmd_bench_soak,
     )
     return p
 
