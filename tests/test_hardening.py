@@ -38,7 +38,7 @@ def server(ckpt, tmp_path_factory):
         *("--min-replicas", "2", "--max-replicas", "2"),
         *("--api-key", FREE, "--api-key", f"{LIMITED}:rpm=2", "--api-key", f"{TOKENS}:tpm=300"),
         *("--max-choices-per-request", "16", "--max-request-tokens", "4096"),
-        *("--max-body-bytes", str(2**20)),
+        *("--max-body-bytes", str(2**20), "--max-inflight", "40"),
         log_path=tmp_path_factory.mktemp("log") / "serve.log",
     )
     yield s
@@ -147,6 +147,29 @@ def test_amplification_is_refused_at_once_and_others_are_served(server, ckpt):
     too_many_tokens = {"model": str(ckpt), "prompt": ["hi"] * 8, "n": 2, "max_tokens": 400}
     r = server.post("/v1/completions", json=too_many_tokens, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+
+
+def test_past_the_in_flight_bound_is_429_at_once(server, ckpt):
+    """(1) Admission control: past --max-inflight engine requests per ingress replica, a 429
+    with Retry-After in milliseconds comes at once, before anything is submitted."""
+    wide = body(ckpt, n=16, max_tokens=40, ignore_eos=True)
+
+    def ask():
+        t0 = time.monotonic()
+        r = server.post("/v1/chat/completions", json=wide, headers=AUTH)
+        return r, time.monotonic() - t0
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(lambda _: ask(), range(10)))  # 160 choices, 80 allowed
+    refused = [(r, took) for r, took in results if r.status_code == 429]
+    served = [r for r, _ in results if r.status_code == 200]
+    assert refused and served, [r.status_code for r, _ in results]
+    assert len(served) + len(refused) == 10
+    for r, _ in refused:
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        assert int(r.headers["retry-after-ms"]) > 0 and r.headers["retry-after"]
+    assert min(took for _, took in refused) < 5
+    assert all(len(r.json()["choices"]) == 16 for r in served)
 
 
 def test_a_huge_body_is_413_and_blocks_no_one(server, ckpt):
