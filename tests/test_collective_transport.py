@@ -11,13 +11,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import socket
 import threading
 import time
 
 import pytest
 import torch
 from conftest import CONFIGS, prompts_of
+from expertmesh.cluster.runtime.resources import free_port
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.router.collective_dispatch import CollectiveDispatcher
@@ -36,12 +36,6 @@ GRACE_S = 5.0  # a worker told to rejoin waits this long for its old serve() to 
 CKPT = CONFIGS["top2of8-shared1"]
 pytestmark = pytest.mark.slow  # worker processes of their own
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((ADDR, 0))
-        return s.getsockname()[1]
 
 
 def load_shard(path, index: int, num_shards: int) -> ExpertShard:
