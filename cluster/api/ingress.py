@@ -18,7 +18,7 @@ from expertmesh.ernie.tokenizer import load_tokenizer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,6 +39,20 @@ app = FastAPI(
     redoc_url=None,
     openapi_url=None,
 )
+# the chat page: plain files shipped in the package, served without a key (they hold no data;
+# the page asks for a key when /v1/models answers 401) and with nothing from outside
+STATIC = Path(__file__).parent / "static"
+PAGE_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+}
 HEALTH_TIMEOUT_S = 0.9  # /health answers within a second, whatever the gateway is doing
 PARSE_IN_THREAD_BYTES = 256 * 1024  # bodies past this are parsed off the event loop
 
@@ -122,6 +136,12 @@ def _num_prompts(prompt) -> int:
 def _too_large(size: int, limit: int) -> op.APIError:
     message = f"the request body is {size}+ bytes; this server takes at most {limit}"
     return op.APIError(413, message, "invalid_request_error", code="request_too_large")
+
+
+def _page_file(name: str) -> FileResponse:
+    if name not in PAGE_FILES:  # a fixed list: no path from the URL reaches the filesystem
+        raise op.APIError(404, f"GET /static/{name}: no such file", "not_found_error")
+    return FileResponse(STATIC / name, media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
 
 
 @serve.ingress(app)
@@ -268,6 +288,14 @@ class Ingress:
         e = op.APIError(503, f"not ready: {', '.join(down)} down: {h}", "service_unavailable")
         return JSONResponse(e.body(), status_code=503, headers=retry_headers(e))
 
+    @app.get("/", include_in_schema=False)
+    async def page(self):
+        return _page_file("index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def page_static(self, name: str):
+        return _page_file(name)
+
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request):
         self._auth(request)
@@ -293,6 +321,11 @@ class Ingress:
             "created": self.created,
             "owned_by": "expertmesh",
             "max_model_len": ctx,
+            # what the chat page (and any client) can ask of this model
+            "capabilities": {"vision": False, "routed_experts": True},  # text-only models today
+            "num_experts": self.model_cfg.num_experts,
+            "top_k": self.model_cfg.top_k,
+            "moe_layers": list(self.model_cfg.moe_layers),  # layer indices, in routed_experts order
         }
         return {"object": "list", "data": [card]}
 
