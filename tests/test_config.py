@@ -106,3 +106,23 @@ def test_generate_flags_are_cluster_fields_too():
 def test_cluster_config_refuses_unknown_keys():
     with pytest.raises(ValidationError, match="workerz"):
         ClusterConfig(model="m", workerz=2)
+
+
+def test_a_rule_over_several_flags_is_a_usage_error(capsys):
+    from pydantic import BaseModel, Field, model_validator
+
+    class Args(BaseModel):
+        low: int = Field(1, description="low")
+        high: int = Field(2, description="high")
+
+        @model_validator(mode="after")
+        def _order(self):
+            if self.low > self.high:
+                raise ValueError("--low must not exceed --high")
+            return self
+
+    parser = argparse.ArgumentParser(prog="x")
+    add_args(parser, Args)
+    with pytest.raises(SystemExit) as e:
+        parse(parser, Args, parser.parse_args(["--low", "5"]))
+    assert e.value.code == 2 and "--low must not exceed --high" in capsys.readouterr().err

@@ -150,23 +150,12 @@ def parse(parser: argparse.ArgumentParser, model: type[BaseModel], ns: argparse.
     try:
         return model(**values)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{_flag(str(err['loc'][0]), model.model_fields[str(err['loc'][0])])}: {err['msg']}"
-            for err in e.errors()
-        )
-        parser.error(problems)
+        parser.error("; ".join(_problem(model, err) for err in e.errors()))
 
 
-class BenchHttpArgs(BaseModel):
-    url: str | None = Field(
-        None, description="a running server; default: start one on the built-in model"
-    )
-    api_key: str | None = Field(None, description="API key of that server")
-    model: str | None = Field(None, description="checkpoint for the server started here")
-    workers: int = Field(2, ge=1, description="expert workers of the server started here")
-    transport: Literal["grpc", "collective", "local"] = Field(
-        "grpc", description="transport of the server started here"
-    )
-    concurrency: list[int] = Field([1, 8, 32], description="concurrent clients per level")
-    requests: int = Field(4, ge=1, description="requests each client sends, one after another")
-    max_tokens: int = Field(64, ge=1, description="tokens per answer")
+def _problem(model: type[BaseModel], err: dict) -> str:
+    """One validation error, named by its flag (a rule over several fields has none)."""
+    name = str(err["loc"][0]) if err["loc"] else None
+    if name in model.model_fields:
+        return f"{_flag(name, model.model_fields[name])}: {err['msg']}"
+    return err["msg"]

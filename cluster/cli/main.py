@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from ..config import ServeArgs, builtin_model_dir
-from .args import BenchEngineArgs, BenchHttpArgs, GenerateArgs, TinyArgs, add_args, parse
+from .args import BenchEngineArgs, GenerateArgs, TinyArgs, add_args, parse
+from .bench_serve import BenchServeArgs
 from .bench_soak import SoakArgs
 from .chat import ChatArgs, run_chat
 
@@ -119,10 +120,10 @@ def cmd_bench_soak(a) -> int:
     return 0
 
 
-def cmd_bench_http(a: BenchHttpArgs) -> int:
-    from .bench_http import bench_http
+def cmd_bench_serve(a: BenchServeArgs) -> int:
+    from .bench_serve import bench_serve
 
-    bench_http(a)
+    bench_serve(a)
     return 0
 
 
@@ -165,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         bench, "engine", "decode throughput against a baseline", BenchEngineArgs, cmd_bench_engine
     )
     _command(
-        bench, "http", "throughput and TTFT through the HTTP API", BenchHttpArgs, cmd_bench_http
+        bench,
+        "serve",
+        "latency (TTFT, inter-token, end-to-end) and throughput of the HTTP API by concurrency",
+        BenchServeArgs,
+        cmd_bench_serve,
     )
     _command(
         bench,
@@ -178,15 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def pin_local_ray_to_loopback(ns: argparse.Namespace) -> None:
-    """A local Ray (no --address) needs no external address: keep every Ray process on
-    127.0.0.1. Ray reads this once, when it is imported, so it is set before any Ray import."""
-    if not getattr(ns, "address", None) and "ray" not in sys.modules:
+    """A local Ray (no --address, or --ray-address) needs no external address: keep every Ray
+    process on 127.0.0.1. Ray reads this once, when it is imported, so it is set before any Ray
+    import."""
+    joins = getattr(ns, "address", None) or getattr(ns, "ray_address", None) not in (None, "local")
+    if not joins and "ray" not in sys.modules:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 # HTTP client libraries log each request at INFO ("HTTP Request: POST ..."): noise in a chat,
 # a benchmark or serve's health polling. They log at WARNING unless --verbose.
-CHATTY_LOGGERS = ("httpx", "httpcore", "openai")
+CHATTY_LOGGERS = ("httpx", "httpx2", "httpcore", "openai")  # openai 2.x: httpx2
 
 
 def configure_logging(command: str, verbose: bool) -> None:
