@@ -107,8 +107,11 @@ def layer_prefix(i: int) -> str:
 
 
 def expert_keys(cfg: ModelConfig, layer: int, expert: int) -> dict[str, tuple[int, int]]:
-    """Keys and shapes of one routed expert's SwiGLU weights in the Hub layout."""
-    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    """Keys and shapes of one routed expert's SwiGLU weights in the Hub layout.
+
+    VL checkpoints keep one list of 2E experts per layer: `expert` is its index there, and
+    vision experts (E..2E-1) have their own width."""
+    h, inter = cfg.hidden_size, cfg.expert_width(expert)
     p = f"{layer_prefix(layer)}.mlp.experts.{expert}"
     return {
         f"{p}.gate_proj.weight": (inter, h),

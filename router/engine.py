@@ -3,6 +3,7 @@
 `LLMEngine` owns the gateway model, the KV cache, the scheduler and the sampler; the routed
 experts are reached through the dispatcher it is given (in-process shards, gRPC workers, or a
 collective group). It is synchronous: `step()` runs one batch and returns the tokens made.
+An ERNIE-4.5-VL engine also takes images with a request (`router/multimodal.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.ernie.devices import compute_dtype
+from expertmesh.ernie.image import ImageInputs, ImageSettings, preprocess
 from expertmesh.workers.experts import ExpertShard
 from expertmesh.workers.placement import ExpertPlacement
 
@@ -23,6 +25,7 @@ from .attention_metadata import build_step
 from .dispatch import Dispatcher, LocalDispatcher
 from .events import ErrorKind, TokenEvent, error_event
 from .model import GatewayModel
+from .multimodal import MultimodalPrompt, build_multimodal_step, multimodal_prompt
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
 
@@ -64,6 +67,7 @@ class _Request:
     params: SamplingParams
     generator: torch.Generator
     stop_ids: frozenset[int]
+    mm: MultimodalPrompt | None = None  # a VL prompt's images, 3D positions, vision tokens
 
 
 class LLMEngine:
@@ -73,8 +77,10 @@ class LLMEngine:
         dispatcher: Dispatcher,
         model_cfg: ModelConfig,
         cfg: EngineConfig = EngineConfig(),
+        image_settings: ImageSettings | None = None,
     ):
         self.model, self.dispatcher, self.model_cfg, self.cfg = model, dispatcher, model_cfg, cfg
+        self.image_settings = image_settings or ImageSettings()  # for images given as PIL
         self.device = torch.device(cfg.device)
         dtype = next(model.parameters()).dtype
         num_blocks = -(-cfg.kv_cache_tokens // cfg.block_size)
@@ -97,7 +103,7 @@ class LLMEngine:
             SchedulerConfig(num_blocks, cfg.block_size, cfg.max_num_seqs, cfg.max_tokens_per_step)
         )
         self.requests: dict[str, _Request] = {}
-        # tokens routed to each expert in each MoE layer, since start: [moe_layers, E]
+        # tokens routed to each expert in each MoE layer, since start: [moe_layers, E] (VL: 2E)
         self.expert_counts = torch.zeros(
             len(model_cfg.moe_layers), model_cfg.num_experts, dtype=torch.long
         )
@@ -110,9 +116,14 @@ class LLMEngine:
         num_shards: int = 1,
         placement: ExpertPlacement | None = None,
     ) -> LLMEngine:
-        """An engine whose expert shards all live in this process."""
+        """An engine whose expert shards all live in this process (VL: each shard holds text
+        and vision experts); images given as PIL are preprocessed with the checkpoint's
+        `preprocessor_config.json`."""
         model_cfg = ModelConfig.from_dir(path)
-        placement = placement or ExpertPlacement.contiguous(model_cfg.num_experts, num_shards)
+        groups = 2 if model_cfg.is_vl else 1
+        placement = placement or ExpertPlacement.contiguous(
+            model_cfg.num_experts, num_shards, groups
+        )
         dtype = cfg.torch_dtype(model_cfg)
         with CheckpointReader(path) as reader:
             model = GatewayModel.load(reader, model_cfg, dtype, cfg.device)
@@ -120,21 +131,19 @@ class LLMEngine:
                 ExpertShard.load(reader, model_cfg, placement.experts_of(s), dtype, cfg.device)
                 for s in range(placement.num_shards)
             ]
-        return cls(model, LocalDispatcher(placement, shards), model_cfg, cfg)
+        settings = ImageSettings.from_dir(path)
+        return cls(model, LocalDispatcher(placement, shards), model_cfg, cfg, settings)
 
     # -- requests ---------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_ids: Seq[int], params: SamplingParams, images=None
+    ) -> None:
+        """images (VL): PIL images or ImageInputs, one per image placeholder in the prompt, in
+        order; each placeholder is expanded to its image's token count."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running")
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise RequestError("the prompt is empty")
-        bad = [t for t in prompt if not 0 <= t < self.model_cfg.vocab_size]
-        if bad:
-            raise RequestError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_cfg.vocab_size})"
-            )
+        prompt, mm = self._prompt(prompt_ids, images)
         if len(prompt) >= self.max_model_len:
             raise RequestError(
                 f"the prompt has {len(prompt)} tokens; this model's context is "
@@ -150,8 +159,29 @@ class LLMEngine:
         except ValueError as e:
             raise RequestError(str(e)) from e
         self.requests[request_id] = _Request(
-            seq, params, make_generator(params.seed), frozenset(stop)
+            seq, params, make_generator(params.seed), frozenset(stop), mm
         )
+
+    def _prompt(self, prompt_ids: Seq[int], images) -> tuple[list[int], MultimodalPrompt | None]:
+        """Checked token ids, placeholders expanded, and the VL state of the prompt."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise RequestError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_cfg.vocab_size})"
+            )
+        try:
+            if images is not None and not isinstance(images, ImageInputs):
+                images = preprocess(images, self.image_settings) if len(images) else None
+            return multimodal_prompt(prompt, self.model_cfg, images)
+        except Exception as e:  # an unreadable image, placeholders that do not pair up, ...
+            raise RequestError(str(e)) from e
+
+    def _mm_of(self, seq_id: str) -> MultimodalPrompt | None:
+        req = self.requests.get(seq_id)
+        return req.mm if req is not None else None
 
     def abort(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None)
@@ -189,7 +219,8 @@ class LLMEngine:
         if not plan:
             return []
         input_ids, meta = build_step(plan, self.cfg.block_size, self.device)
-        logits = self.model(input_ids, meta, self.kv, self.dispatcher)  # [B, V]
+        mm = build_multimodal_step(plan, self._mm_of, self.model.encode_images, self.device)
+        logits = self.model(input_ids, meta, self.kv, self.dispatcher, mm)  # [B, V]
         self._count_routing()
         self.scheduler.advance(plan)
         return self._update(plan, logits.cpu(), meta.last_index)
@@ -235,9 +266,14 @@ class LLMEngine:
 
     # -- offline use ------------------------------------------------------------------------
 
-    def score(self, prompts: Seq[Seq[int]]) -> list[torch.Tensor]:
-        """Logits [L, V] (fp32) at every position of each prompt, in one batch; keeps no state."""
-        seqs = [Sequence(f"score-{i}", list(p), max_tokens=0) for i, p in enumerate(prompts)]
+    def score(self, prompts: Seq[Seq[int]], images: Seq | None = None) -> list[torch.Tensor]:
+        """Logits [L, V] (fp32) at every position of each prompt, in one batch; keeps no state.
+
+        images (VL): per prompt, its images (or None); L counts the expanded placeholders."""
+        images = images if images is not None else [None] * len(prompts)
+        made = [self._prompt(p, im) for p, im in zip(prompts, images, strict=True)]
+        seqs = [Sequence(f"score-{i}", ids, max_tokens=0) for i, (ids, _) in enumerate(made)]
+        mms = {s.seq_id: mm for s, (_, mm) in zip(seqs, made)}
         need = [self.scheduler.blocks_needed(s) for s in seqs]
         if not self.scheduler.blocks.can_allocate(sum(need)):
             raise RequestError("not enough free KV cache to score these prompts")
@@ -247,23 +283,30 @@ class LLMEngine:
             plan = [ScheduledSeq(s, len(s.token_ids)) for s in seqs]
             input_ids, meta = build_step(plan, self.cfg.block_size, self.device)
             meta.last_index = torch.arange(len(input_ids), device=self.device)
-            logits = self.model(input_ids, meta, self.kv, self.dispatcher).cpu()  # [T, V]
+            mm = build_multimodal_step(plan, mms.get, self.model.encode_images, self.device)
+            logits = self.model(input_ids, meta, self.kv, self.dispatcher, mm).cpu()  # [T, V]
         finally:
             for s in seqs:
                 self.scheduler.blocks.release(s.block_table)
         return list(logits.split([len(s.token_ids) for s in seqs]))
 
     def generate(
-        self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]
+        self,
+        prompts: Seq[Seq[int]],
+        params: SamplingParams | Seq[SamplingParams],
+        images: Seq | None = None,
     ) -> list[Completion]:
-        """Run prompts to completion in one continuous batch; results in prompt order."""
+        """Run prompts to completion in one continuous batch; results in prompt order.
+
+        images (VL): per prompt, its images (or None)."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
+        images = images if images is not None else [None] * len(prompts)
         done: dict[str, Completion] = {}
-        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        for i, (prompt, p, im) in enumerate(zip(prompts, params, images, strict=True)):
             rid = f"generate-{i}"
-            done[rid] = Completion(rid, list(prompt))
-            self.add_request(rid, prompt, p)
+            self.add_request(rid, prompt, p, im)
+            done[rid] = Completion(rid, list(self.requests[rid].seq.token_ids))
         while any(c.finish_reason is None for c in done.values()):
             for ev in self.step():
                 c = done[ev.request_id]

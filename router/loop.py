@@ -33,10 +33,16 @@ class EngineLoop:
     # -- called from any thread -------------------------------------------------------------
 
     def submit(
-        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, on_event: OnEvent
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_event: OnEvent,
+        images=None,
     ) -> None:
-        """Queue a request; its tokens (or an error event) arrive through `on_event`."""
-        self._inbox.put(("add", request_id, list(prompt_ids), params, on_event))
+        """Queue a request; its tokens (or an error event) arrive through `on_event`.
+        images (VL): as `LLMEngine.add_request` takes them (preprocessed is cheaper here)."""
+        self._inbox.put(("add", request_id, list(prompt_ids), params, on_event, images))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -86,12 +92,12 @@ class EngineLoop:
 
     def _handle(self, cmd: tuple) -> None:
         if cmd[0] == "add":
-            _, rid, prompt, params, on_event = cmd
+            _, rid, prompt, params, on_event, images = cmd
             if rid in self._listeners:
                 on_event(error_event(rid, ErrorKind.INVALID, f"duplicate request id {rid!r}"))
                 return
             try:
-                self.engine.add_request(rid, prompt, params)
+                self.engine.add_request(rid, prompt, params, images)
             except RequestError as e:
                 on_event(error_event(rid, ErrorKind.INVALID, str(e)))
                 return

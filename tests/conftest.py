@@ -50,3 +50,12 @@ def prompts_of(lengths, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     # skip the special ids at the bottom of the vocabulary
     return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="session")
+def vl_checkpoint(tmp_path_factory):
+    """A tiny ERNIE-4.5-VL checkpoint written by transformers (4 text + 4 vision experts,
+    top-2, one shared expert; layer 0 dense), with tokenizer and preprocessor config."""
+    from expertmesh.ernie.tiny_vl import make_tiny_vl
+
+    return make_tiny_vl(tmp_path_factory.mktemp("vl"), seed=0)

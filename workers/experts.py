@@ -21,13 +21,14 @@ def grouped_swiglu(
     x: torch.Tensor,
     local_ids: torch.Tensor,
     weights: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    w13: torch.Tensor | Sequence[torch.Tensor],
+    w2: torch.Tensor | Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """Weighted sum over each row's experts of SwiGLU(x_row); one matmul pair per expert present.
 
     x: [N, H]; local_ids: [N, k] index into w13/w2, -1 where the slot is not ours;
     weights: [N, k]; w13: [E_local, 2I, H] (gate rows, then up rows); w2: [E_local, H, I].
+    w13 and w2 may also be lists of per-expert [2I_e, H] / [H, I_e]: experts of several widths.
     Returns [N, H].
     """
     n, k = local_ids.shape
@@ -37,7 +38,7 @@ def grouped_swiglu(
     order = torch.argsort(ids, stable=True)
     pair = keep[order]  # (row, slot) pairs grouped by expert
     rows = torch.div(pair, k, rounding_mode="floor")  # [P]
-    counts = torch.bincount(ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(ids, minlength=len(w13)).tolist()
 
     xs = x[rows]  # [P, H]
     outs = []
@@ -57,16 +58,33 @@ def grouped_swiglu(
 
 
 class ExpertShard:
-    """Weights of the experts in `experts` for every MoE layer of the model."""
+    """Weights of the experts in `experts` for every MoE layer of the model.
 
-    def __init__(self, cfg: ModelConfig, experts: Sequence[int], weights: dict[int, tuple]):
+    `weights[layer]` holds the shard's text experts (all its experts in a text model),
+    `vision_weights[layer]` its vision experts (VL: global ids num_text_experts and up, of
+    their own width). Local indices: text experts first, then vision experts, in id order.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        experts: Sequence[int],
+        weights: dict[int, tuple],
+        vision_weights: dict[int, tuple] | None = None,
+    ):
         self.cfg = cfg
-        self.experts = list(experts)
+        self.experts = list(experts)  # in local order: weights' text rows, then vision rows
         # global expert id -> local index, -1 for experts owned elsewhere
         g2l = torch.full((cfg.num_experts + 1,), -1, dtype=torch.long)
         g2l[torch.tensor(self.experts, dtype=torch.long)] = torch.arange(len(self.experts))
         self._g2l = g2l  # the extra last entry maps the -1 padding id to -1
         self.weights = weights  # layer -> (w13 [E_local, 2I, H], w2 [E_local, H, I])
+        self.vision_weights = vision_weights or {}  # layer -> (w13 [Ev, 2Iv, H], w2 [Ev, H, Iv])
+        # both widths: per-expert views, text then vision, as grouped_swiglu takes them
+        self._mixed = {
+            layer: tuple([*a, *b] for a, b in zip(weights[layer], v))
+            for layer, v in self.vision_weights.items()
+        }
 
     @classmethod
     def load(
@@ -79,33 +97,50 @@ class ExpertShard:
         progress: str | None = None,
     ) -> ExpertShard:
         """Read only the tensors of `experts`, in every MoE layer; `progress` names a tqdm bar."""
-        weights = {}
+        text = [e for e in experts if e < cfg.num_text_experts]
+        vision = [e for e in experts if e >= cfg.num_text_experts]
+        weights, vision_weights = {}, {}
         layers = tqdm(
             cfg.moe_layers, desc=progress, unit="layer", disable=progress is None, mininterval=1.0
         )
-        n, h, inter = len(experts), cfg.hidden_size, cfg.moe_intermediate_size
         for layer in layers:
-            w13 = torch.empty(n, 2 * inter, h, dtype=dtype, device=device)  # [E_local, 2I, H]
-            w2 = torch.empty(n, h, inter, dtype=dtype, device=device)  # [E_local, H, I]
-            for j, e in enumerate(experts):
-                gate, up, down = (
-                    reader.read(key, shape, dtype)
-                    for key, shape in expert_keys(cfg, layer, e).items()
-                )
-                w13[j, :inter], w13[j, inter:], w2[j] = gate, up, down
-            weights[layer] = (w13, w2)
+            weights[layer] = _load_group(reader, cfg, layer, text, dtype, device)
+            if vision:
+                vision_weights[layer] = _load_group(reader, cfg, layer, vision, dtype, device)
         log.info("expert shard loaded %d experts x %d layers", len(experts), len(cfg.moe_layers))
-        return cls(cfg, experts, weights)
+        return cls(cfg, text + vision, weights, vision_weights)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.weights.values() for t in pair)
+        groups = (*self.weights.values(), *self.vision_weights.values())
+        return sum(t.numel() * t.element_size() for pair in groups for t in pair)
 
     def forward(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """x: [N, H]; expert_ids: [N, k] global ids (-1 = not routed here); weights: [N, k]."""
-        w13, w2 = self.weights[layer]
+        w13, w2 = self._mixed.get(layer) or self.weights[layer]
         g2l = self._g2l.to(expert_ids.device)
         local = g2l[expert_ids]  # -1 indexes the last entry, which is -1
         return grouped_swiglu(x, local, weights, w13, w2)
+
+
+def _load_group(
+    reader: CheckpointReader,
+    cfg: ModelConfig,
+    layer: int,
+    experts: list[int],
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked weights of experts of one width: w13 [n, 2I, H] (gate, then up), w2 [n, H, I]."""
+    h = cfg.hidden_size
+    inter = cfg.expert_width(experts[0]) if experts else cfg.moe_intermediate_size
+    w13 = torch.empty(len(experts), 2 * inter, h, dtype=dtype, device=device)
+    w2 = torch.empty(len(experts), h, inter, dtype=dtype, device=device)
+    for j, e in enumerate(experts):
+        gate, up, down = (
+            reader.read(key, shape, dtype) for key, shape in expert_keys(cfg, layer, e).items()
+        )
+        w13[j, :inter], w13[j, inter:], w2[j] = gate, up, down
+    return w13, w2

@@ -21,15 +21,22 @@ class ExpertPlacement:
             raise ValueError(f"experts {bad} are placed on no shard in 0..{self.num_shards - 1}")
 
     @classmethod
-    def contiguous(cls, num_experts: int, num_shards: int) -> ExpertPlacement:
-        """Blocks as even as possible: 8 experts over 3 shards -> 3, 3, 2."""
-        if num_shards > num_experts:
-            raise ValueError(f"{num_shards} shards for {num_experts} experts: some would be empty")
-        base, extra = divmod(num_experts, num_shards)
+    def contiguous(cls, num_experts: int, num_shards: int, groups: int = 1) -> ExpertPlacement:
+        """Blocks as even as possible: 8 experts over 3 shards -> 3, 3, 2.
+
+        `groups`: the id space is that many equal ranges (VL: text experts, then vision
+        experts), each split in blocks over all shards, so every shard serves every modality:
+        8 experts in 2 groups over 2 shards -> 0, 0, 1, 1, 0, 0, 1, 1."""
+        if num_experts % groups:
+            raise ValueError(f"{num_experts} experts do not split into {groups} equal groups")
+        per_group = num_experts // groups
+        if num_shards > per_group:
+            raise ValueError(f"{num_shards} shards for {per_group} experts: some would be empty")
+        base, extra = divmod(per_group, num_shards)
         owner: list[int] = []
         for s in range(num_shards):
             owner += [s] * (base + (s < extra))
-        return cls(num_shards, tuple(owner))
+        return cls(num_shards, tuple(owner) * groups)
 
     @classmethod
     def from_map(cls, owner: Sequence[int], num_experts: int) -> ExpertPlacement:
