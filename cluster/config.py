@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+from expertmesh.ernie.config import ModelConfig
 from expertmesh.router.engine import EngineConfig
 from expertmesh.workers.placement import ExpertPlacement
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,11 +64,13 @@ class ClusterConfig(BaseModel):
         """Whether the experts live in the gateway's process (no worker actors)."""
         return self.transport == "local"
 
-    def placement(self, num_experts: int) -> ExpertPlacement:
-        """Which worker owns each expert: `expert_map`, else contiguous blocks."""
+    def placement(self, model_cfg: ModelConfig) -> ExpertPlacement:
+        """Which worker owns each expert: `expert_map`, else contiguous blocks (VL: of the text
+        experts and of the vision experts each, so that every worker serves both)."""
         if self.expert_map:
-            return ExpertPlacement.from_map(self.expert_map, num_experts)
-        return ExpertPlacement.contiguous(num_experts, self.workers)
+            return ExpertPlacement.from_map(self.expert_map, model_cfg.num_experts)
+        groups = 2 if model_cfg.is_vl else 1
+        return ExpertPlacement.contiguous(model_cfg.num_experts, self.workers, groups)
 
     def engine_config(self, device: str) -> EngineConfig:
         return EngineConfig(
@@ -126,6 +129,21 @@ class ServeArgs(ClusterConfig):
         65536,
         ge=1,
         description="prompt + max_tokens summed over a request's choices at most; beyond: 400",
+    )
+    max_images_per_request: int = Field(
+        8, ge=0, description="image parts of one chat request at most (VL models); beyond: 400"
+    )
+    max_image_bytes: int = Field(
+        5 * 2**20, ge=1024, description="encoded size of one image at most; beyond: 400"
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="width x height of one image at most; beyond: 400"
+    )
+    allow_remote_images: bool = Field(
+        False, description="fetch http(s) image URLs (else only data: URLs are taken)"
+    )
+    image_fetch_timeout_s: float = Field(
+        10, gt=0, description="time limit for fetching one remote image"
     )
     default_max_tokens: int = Field(
         256, ge=1, description="max_tokens of chat requests that give none"

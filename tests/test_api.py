@@ -261,7 +261,10 @@ def test_dropped_stream_frees_its_slot(server, client, ckpt):
     assert running(server) == 0
     text = server.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert "expertmesh_time_to_first_token_seconds_bucket" in text
-    assert re.search(r'expertmesh_expert_routed_tokens_total\{expert="\d",layer="\d"\} [1-9]', text)
+    assert re.search(
+        r'expertmesh_expert_routed_tokens_total\{expert="\d",layer="\d",modality="text"\} [1-9]',
+        text,
+    )
 
 
 def test_32_concurrent_streaming_clients(client, ckpt):

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from expertmesh.ernie.config import ModelConfig
+from expertmesh.ernie.image import ImageInputs, ImageSettings, expand_placeholders, preprocess
 from expertmesh.ernie.tokenizer import load_tokenizer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import ServeArgs
 from . import openai_protocol as op
 from . import openai_responses as resp
+from .images import ImageLimits, load_image
 from .metrics import Metrics
 from .multiplex import Choice, Mux, merged
 from .ratelimit import load_keys
@@ -159,6 +161,13 @@ class Ingress:
         if self.tokenizer is None:
             raise ValueError(f"{model_path} has no tokenizer; the HTTP API needs one")
         self.model_cfg = ModelConfig.from_dir(model_path)
+        self.image_settings = ImageSettings.from_dir(model_path)
+        self.image_limits = ImageLimits(
+            max_bytes=self.args.max_image_bytes,
+            max_pixels=self.args.max_image_pixels,
+            allow_remote=self.args.allow_remote_images,
+            fetch_timeout_s=self.args.image_fetch_timeout_s,
+        )
         self.max_model_len: int | None = None
         self.metrics = Metrics()
         self.created = int(time.time())
@@ -227,7 +236,9 @@ class Ingress:
             self.max_model_len = info["max_model_len"]
         return self.max_model_len
 
-    def _choices(self, prompt: list[int], req, n: int, index0: int = 0) -> list[Choice]:
+    def _choices(
+        self, prompt: list[int], req, n: int, index0: int = 0, images=None
+    ) -> list[Choice]:
         eos = self.model_cfg.eos_token_ids
         return [
             Choice(
@@ -237,9 +248,41 @@ class Ingress:
                 op.sampling_params(req, i, self.args.default_max_tokens),
                 op.text_stream(req, self.tokenizer, eos),
                 index0 + i,
+                images,
             )
             for i in range(n)
         ]
+
+    async def _images(self, req) -> ImageInputs | None:
+        """The request's images, fetched or decoded, checked and preprocessed (VL models)."""
+        parts = op.image_parts(req)
+        if not parts:
+            return None
+        if len(parts) > self.args.max_images_per_request:
+            raise op.bad_request(
+                f"the request has {len(parts)} images; this server takes at most "
+                f"{self.args.max_images_per_request}",
+                param="messages",
+            )
+        loaded = await asyncio.gather(*(load_image(url, self.image_limits, p) for p, url in parts))
+        try:
+            return await asyncio.to_thread(preprocess, loaded, self.image_settings)
+        except ValueError as e:  # e.g. an aspect ratio the processor cannot resize
+            raise op.bad_request(f"an image cannot be processed: {e}", "messages") from None
+
+    def _expanded(self, prompt: list[int], images: ImageInputs | None) -> list[int]:
+        """The prompt with each image placeholder expanded to that image's tokens."""
+        if images is None:
+            return prompt
+        counts = images.tokens_per_image(self.image_settings.merge_size)
+        placeholder = self.model_cfg.vision.image_token_id
+        if prompt.count(placeholder) != len(counts):
+            raise op.bad_request(
+                f"the chat template wrote {prompt.count(placeholder)} image placeholders for "
+                f"{len(counts)} images",
+                param="messages",
+            )
+        return expand_placeholders(prompt, placeholder, counts)
 
     async def _start(self, choices: list[Choice]) -> None:
         try:
@@ -322,7 +365,7 @@ class Ingress:
             "owned_by": "expertmesh",
             "max_model_len": ctx,
             # what the chat page (and any client) can ask of this model
-            "capabilities": {"vision": False, "routed_experts": True},  # text-only models today
+            "capabilities": {"vision": self.model_cfg.is_vl, "routed_experts": True},
             "num_experts": self.model_cfg.num_experts,
             "top_k": self.model_cfg.top_k,
             "moe_layers": list(self.model_cfg.moe_layers),  # layer indices, in routed_experts order
@@ -347,18 +390,22 @@ class Ingress:
     # -- chat -------------------------------------------------------------------------------
 
     async def _chat(self, request: Request, t0: float):
-        req = op.parse_chat_request(await _json_body(request, self.args.max_body_bytes))
+        body = await _json_body(request, self.args.max_body_bytes)
+        req = op.parse_chat_request(body, images=self.model_cfg.is_vl)
         self._check_model(req.model)
+        images = await self._images(req)  # VL: checked and preprocessed, before tokenizing
         prompt = await asyncio.to_thread(op.chat_prompt_ids, req, self.tokenizer)
+        expanded = self._expanded(prompt, images)  # what the engine computes and counts
         op.check_prompt(
-            prompt,
+            expanded,
             self.model_cfg.vocab_size,
             await self._context(),
             req.requested_max_tokens,
             param="messages",
         )
-        await self._admit(request, [prompt], req)
-        choices = self._choices(prompt, req, req.n)
+        await self._admit(request, [expanded], req)
+        choices = self._choices(prompt, req, req.n, images=images)
+        prompt = expanded  # usage counts image tokens
         await self._start(choices)
         header = resp.chat_header(self.model_name)
         if req.stream:

@@ -17,12 +17,15 @@ class _ExpertCounts:
     def collect(self):
         fam = CounterMetricFamily(
             "expertmesh_expert_routed_tokens",
-            "Tokens routed to each expert in each MoE layer since the gateway started",
-            labels=["layer", "expert"],
+            "Tokens routed to each expert in each MoE layer since the gateway started; VL models"
+            " number vision experts after the text experts, as their checkpoints do",
+            labels=["layer", "expert", "modality"],
         )
+        text = self.snapshot.get("text_experts")
         for layer, row in zip(self.snapshot["layers"], self.snapshot["counts"]):
             for expert, n in enumerate(row):
-                fam.add_metric([str(layer), str(expert)], n)
+                modality = "vision" if text is not None and expert >= text else "text"
+                fam.add_metric([str(layer), str(expert), modality], n)
         yield fam
 
 

@@ -94,12 +94,15 @@ class Choice:
         params: SamplingParams,
         stream: TextStream,
         index: int,
+        images=None,
     ):
         self.index, self.stream = index, stream
         self.request_id = uuid.uuid4().hex
         self._gateway, self._mux = gateway, mux
         self._queue = mux.open(self.request_id)
-        self._submitted = gateway.submit.remote(prompt, params, self.request_id, mux.channel_id)
+        self._submitted = gateway.submit.remote(
+            prompt, params, self.request_id, mux.channel_id, images
+        )
         self._first: list[TokenEvent] | None = None
         self.finished = False
         self.first_token_at: float | None = None

@@ -28,7 +28,15 @@ from expertmesh.ernie.tokenizer import chat_prompt_ids as render_chat
 from expertmesh.ernie.tokenizer import encode_text
 from expertmesh.router.events import ErrorKind, TokenEvent
 from expertmesh.router.sampling import SamplingParams
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .textstream import TextStream
 
@@ -223,14 +231,29 @@ class _Sampling(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class ImageURL(_Strict):
+    url: str = Field(description="a data:image/...;base64 URL (or http(s), where allowed)")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="accepted, unused")
+
+
 class ContentPart(_Strict):
-    type: str = Field("text", description="only 'text' parts are served")
+    type: str = Field("text", description="'text', or 'image_url' for a model that takes images")
     text: str | None = Field(None, description="the text of a text part")
+    image_url: ImageURL | None = Field(None, description="the image of an image_url part")
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _url_string(cls, v):
+        return {"url": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _text_only(self):
+    def _check(self, info: ValidationInfo):
         if self.type == "image_url":
-            raise ValueError("this model takes text only; image parts are not supported")
+            if not (info.context or {}).get("images"):
+                raise ValueError("this model takes text only; image parts are not supported")
+            if self.image_url is None:
+                raise FieldError("image_url", "an image_url part needs 'image_url': {'url': ...}")
+            return self
         if self.type != "text":
             raise ValueError(f"content parts of type {self.type!r} are not supported")
         if self.text is None:
@@ -265,6 +288,20 @@ class ChatMessage(_Strict):
     @property
     def text(self) -> str:
         return "".join(p.text or "" for p in self.content)
+
+    @property
+    def has_images(self) -> bool:
+        return any(p.type == "image_url" for p in self.content)
+
+    def template_content(self) -> str | list[dict]:
+        """What the chat template gets: the text, or (with images) the parts in order, an
+        image as {"type": "image"} (the template writes its placeholder tokens)."""
+        if not self.has_images:
+            return self.text
+        return [
+            {"type": "image"} if p.type == "image_url" else {"type": "text", "text": p.text}
+            for p in self.content
+        ]
 
 
 class ChatCompletionRequest(_Sampling):
@@ -350,18 +387,19 @@ def _check_prompt_shape(v) -> None:
         raise ValueError("a list prompt must hold only strings, only integers, or only lists")
 
 
-def parse_chat_request(body: Any) -> ChatCompletionRequest:
-    """The request from a decoded JSON body; APIError 400 when invalid."""
-    return _parse(ChatCompletionRequest, body)
+def parse_chat_request(body: Any, images: bool = False) -> ChatCompletionRequest:
+    """The request from a decoded JSON body; APIError 400 when invalid. `images`: whether the
+    model takes image parts (else they are a 400)."""
+    return _parse(ChatCompletionRequest, body, {"images": images})
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
     return _parse(CompletionRequest, body)
 
 
-def _parse(cls, body):
+def _parse(cls, body, context: dict | None = None):
     try:
-        return cls.model_validate(body)
+        return cls.model_validate(body, context=context)
     except ValidationError as e:
         raise validation_error_to_api_error(e) from None
 
@@ -380,12 +418,25 @@ def chat_prompt_ids(req: ChatCompletionRequest, tokenizer) -> list[int]:
     """
     if not req.messages:
         raise bad_request("messages must hold at least one message", "messages")
-    msgs = [{"role": _TEMPLATE_ROLES.get(m.role, m.role), "content": m.text} for m in req.messages]
+    msgs = [
+        {"role": _TEMPLATE_ROLES.get(m.role, m.role), "content": m.template_content()}
+        for m in req.messages
+    ]
     try:
         return render_chat(tokenizer, msgs)
     except Exception as e:  # the template's checks (raise_exception), Jinja and encoding errors
         msg = f"the messages cannot be rendered with the chat template and tokenized: {e}"
         raise bad_request(msg, "messages") from e
+
+
+def image_parts(req: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """(param, url) of every image part, in conversation order."""
+    return [
+        (f"messages.{i}.content.{j}", p.image_url.url)
+        for i, m in enumerate(req.messages)
+        for j, p in enumerate(m.content)
+        if p.type == "image_url"
+    ]
 
 
 def completion_prompts(req: CompletionRequest, tokenizer) -> list[list[int]]:

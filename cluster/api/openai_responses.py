@@ -174,7 +174,9 @@ def completion_usage_chunk(header: Header, usage: dict) -> dict:
 
 @lru_cache(maxsize=16)
 def param_counts(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, active per token) parameters; active counts top_k routed experts of each layer."""
+    """(total, active per token) parameters of the language model; active counts top_k routed
+    experts of each layer (text experts: generated tokens are text). A VL model's vision tower
+    and resampler are not counted."""
     h, v = cfg.hidden_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     bias = cfg.use_bias
@@ -189,8 +191,9 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int]:
     n_dense = cfg.num_layers - n_moe
     head = (0 if cfg.tie_word_embeddings else v * h) + (v if bias else 0)
     common = v * h + head + h + cfg.num_layers * attn + n_dense * dense + n_moe * (shared + router)
-    total = common + n_moe * cfg.num_experts * expert
-    active = common + n_moe * cfg.top_k * expert
+    widths = sum(cfg.expert_width(e) for e in range(cfg.num_experts))  # VL: two widths
+    total = common + n_moe * 3 * h * widths
+    active = common + n_moe * cfg.top_k * expert  # a generated token is text: text experts
     return total, active
 
 

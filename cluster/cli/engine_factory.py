@@ -25,11 +25,15 @@ class ClusterEngine:
         self.handle = handle
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        images: Sequence | None = None,
     ) -> list[Completion]:
+        """images (VL): per prompt, its images (PIL or ImageInputs) or None."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
-        runs = self.handle.generate_all([list(p) for p in prompts], list(params))
+        runs = self.handle.generate_all([list(p) for p in prompts], list(params), images)
         return [_completion(i, p, events) for i, (p, events) in enumerate(zip(prompts, runs))]
 
 
@@ -47,10 +51,10 @@ def _completion(i: int, prompt, events: list) -> Completion:
     return c
 
 
-def _num_experts(cfg: ClusterConfig) -> int:
+def _model_cfg(cfg: ClusterConfig):
     from expertmesh.ernie.config import ModelConfig
 
-    return ModelConfig.from_dir(cfg.model).num_experts
+    return ModelConfig.from_dir(cfg.model)
 
 
 @contextmanager
@@ -59,7 +63,7 @@ def open_engine(cfg: ClusterConfig) -> Iterator:
     if cfg.in_process:
         device = resolve_device(cfg.device)
         engine = LLMEngine.from_checkpoint(
-            Path(cfg.model), cfg.engine_config(device), placement=cfg.placement(_num_experts(cfg))
+            Path(cfg.model), cfg.engine_config(device), placement=cfg.placement(_model_cfg(cfg))
         )
         try:
             yield engine

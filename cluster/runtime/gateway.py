@@ -19,6 +19,7 @@ import torch
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.ernie.devices import resolve_device
+from expertmesh.ernie.image import ImageInputs, ImageSettings
 from expertmesh.router.dispatch import time_exchange
 from expertmesh.router.engine import LLMEngine
 from expertmesh.router.events import ErrorKind, TokenEvent, error_event
@@ -47,7 +48,7 @@ class Gateway:
         torch.set_num_threads(cfg.gateway_threads)
         self.device = resolve_device(cfg.device, gpu_assigned=bool(ray.get_gpu_ids()))
         self.model_cfg = ModelConfig.from_dir(cfg.model)
-        placement = cfg.placement(self.model_cfg.num_experts)
+        placement = cfg.placement(self.model_cfg)
         engine_cfg = cfg.engine_config(self.device)
         dtype = engine_cfg.torch_dtype(self.model_cfg)
         self.link = make_link(cfg, placement, gpus_per_actor(cfg))
@@ -55,7 +56,8 @@ class Gateway:
         with CheckpointReader(cfg.model) as reader:
             model = GatewayModel.load(reader, self.model_cfg, dtype, self.device)
         dispatcher = self.link.connect(self.model_cfg, dtype, self.device)
-        self.loop = EngineLoop(LLMEngine(model, dispatcher, self.model_cfg, engine_cfg))
+        images = ImageSettings.from_dir(cfg.model)
+        self.loop = EngineLoop(LLMEngine(model, dispatcher, self.model_cfg, engine_cfg, images))
         self._probe: tuple[float, bool] = (0.0, True)  # (when, workers answered)
         self._channels: dict[str, _Channel] = {}
         self._draining: str | None = None  # why new requests are refused, once draining
@@ -64,9 +66,15 @@ class Gateway:
     # -- requests ---------------------------------------------------------------------------
 
     async def submit(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, channel_id: str
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        channel_id: str,
+        images: ImageInputs | list | None = None,
     ) -> TokenEvent | None:
-        """Queue a request whose events go to `channel_id`; an error event if it is refused."""
+        """Queue a request whose events go to `channel_id`; an error event if it is refused.
+        images (VL): one per image placeholder in the prompt, preprocessed or PIL."""
         refusal = await self._refusal(request_id)
         if refusal is not None:
             return refusal
@@ -78,6 +86,7 @@ class Gateway:
             prompt_ids,
             params,
             lambda ev: loop.call_soon_threadsafe(ch.queue.put_nowait, ev),
+            images=images,
         )
         return None
 
@@ -106,16 +115,18 @@ class Gateway:
             self._channels.pop(channel_id, None)
 
     async def generate_all(
-        self, prompts: list[list[int]], params: list[SamplingParams]
+        self, prompts: list[list[int]], params: list[SamplingParams], images: list | None = None
     ) -> list[list[TokenEvent]]:
-        """Run several requests concurrently to completion; all events of each, in order."""
+        """Run several requests concurrently to completion; all events of each, in order.
+        images (VL): per prompt, its images or None."""
+        images = images or [None] * len(prompts)
         channel_id = uuid.uuid4().hex
         rids = [f"{channel_id}-{i}" for i in range(len(prompts))]
         events: dict[str, list[TokenEvent]] = {rid: [] for rid in rids}
         open_ = set(rids)
         self._channel(channel_id)
-        for rid, prompt, p in zip(rids, prompts, params, strict=True):
-            refusal = await self.submit(prompt, p, rid, channel_id)
+        for rid, prompt, p, imgs in zip(rids, prompts, params, images, strict=True):
+            refusal = await self.submit(prompt, p, rid, channel_id, imgs)
             if refusal is not None:
                 events[rid].append(refusal)
                 open_.discard(rid)
@@ -182,8 +193,12 @@ class Gateway:
 
     def expert_counts(self) -> dict:
         """Tokens routed to each expert: {"layers": [layer ids], "counts": [[per expert]]}."""
-        engine = self.loop.engine
-        return {"layers": list(self.model_cfg.moe_layers), "counts": engine.expert_counts.tolist()}
+        engine, c = self.loop.engine, self.model_cfg
+        return {
+            "layers": list(c.moe_layers),
+            "counts": engine.expert_counts.tolist(),  # [moe_layers, experts (VL: text, vision)]
+            "text_experts": c.num_text_experts,
+        }
 
     def check_health(self) -> None:
         """Ray Serve's probe: only the engine thread matters (workers recover on their own)."""

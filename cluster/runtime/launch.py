@@ -52,8 +52,8 @@ class GatewayHandle:
         ).remote(cfg.model_dump())
         ray.get(self.actor.stats.remote(), timeout=timeout_s)  # waits for construction
 
-    def generate_all(self, prompts: list[list[int]], params: list) -> list[list]:
-        return ray.get(self.actor.generate_all.remote(prompts, params))
+    def generate_all(self, prompts: list[list[int]], params: list, images=None) -> list[list]:
+        return ray.get(self.actor.generate_all.remote(prompts, params, images))
 
     def shutdown(self) -> None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol, TypedDict
 
+from expertmesh.ernie.image import ImageInputs
 from expertmesh.router.events import TokenEvent
 from expertmesh.router.sampling import SamplingParams
 
@@ -28,9 +29,15 @@ class ModelInfo(TypedDict):
 
 class GatewayAPI(Protocol):
     async def submit(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, channel_id: str
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        channel_id: str,
+        images: ImageInputs | None = None,
     ) -> TokenEvent | None:
-        """Queue a request whose events go to `channel_id`; an error event if it is refused."""
+        """Queue a request whose events go to `channel_id`; an error event if it is refused.
+        images (VL): preprocessed, one per image placeholder of the prompt, in order."""
 
     def channel(self, channel_id: str) -> AsyncIterator[list[TokenEvent]]:
         """The events of every request submitted to `channel_id`, a batch per item."""
