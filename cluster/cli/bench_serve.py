@@ -67,6 +67,8 @@ class BenchServeArgs(BaseModel):
     requests: int = Field(4, ge=1, description="requests each client sends, one after another")
     prompt_tokens: int = Field(32, ge=1, description="prompt length in tokens (approximately)")
     max_tokens: int = Field(64, ge=1, description="tokens per answer (ignore_eos: exactly)")
+    images: int = Field(0, ge=0, description="image parts per chat request (a VL model)")
+    image_size: int = Field(224, ge=8, description="side in pixels of each (random) image")
     timeout_s: float = Field(600, gt=0, description="one request's time limit")
     out: str | None = Field(None, description="write the results (raw samples too) as JSON")
     plot: str | None = Field(
@@ -110,7 +112,33 @@ def prompt_text(name: str, words: int) -> str:
     return f"Request {name}: " + " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-async def one_request(client, endpoint: str, model: str, prompt: str, max_tokens: int) -> dict:
+def image_urls(count: int, size: int) -> list[str]:
+    """`count` random RGB PNG images of size x size as data URLs (seeded: the same each run)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    urls = []
+    for _ in range(count):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
+def chat_content(prompt: str, images: list[str]) -> str | list[dict]:
+    if not images:
+        return prompt
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in images]
+    return parts + [{"type": "text", "text": prompt}]
+
+
+async def one_request(
+    client, endpoint: str, model: str, prompt: str, max_tokens: int, images: list[str] = ()
+) -> dict:
     """Stream one request; its sample. Failures are recorded in the sample, never raised."""
     import openai
 
@@ -122,7 +150,7 @@ async def one_request(client, endpoint: str, model: str, prompt: str, max_tokens
     chunks = 0
     try:
         if endpoint == "chat":
-            messages = [{"role": "user", "content": prompt}]
+            messages = [{"role": "user", "content": chat_content(prompt, list(images))}]
             stream = await client.chat.completions.create(messages=messages, **kw)
         else:
             stream = await client.completions.create(prompt=prompt, **kw)
@@ -180,13 +208,15 @@ async def run_clients(spec: dict, ready=None, on_done: Callable[[], None] | None
             part["failed"] = "the other load generators did not start in time"
             return part
 
+        urls = image_urls(spec.get("images", 0), spec.get("image_size", 224))
+
         async def loop(i: int) -> list[dict]:
             out = []
             for r in range(spec["requests"]):
                 text = prompt_text(f"{spec['level']}-{i}-{r}", spec["words"])
                 out.append(
                     await one_request(
-                        client, spec["endpoint"], spec["model"], text, spec["max_tokens"]
+                        client, spec["endpoint"], spec["model"], text, spec["max_tokens"], urls
                     )
                 )
                 if on_done is not None:
@@ -406,6 +436,7 @@ def run_levels(a: BenchServeArgs, url: str, label: str) -> dict:
             spec = {"url": url, "api_key": a.api_key, "timeout_s": a.timeout_s, "level": c}
             spec |= {"endpoint": a.endpoint, "model": model, "words": words, "first": 0}
             spec |= {"streams": c, "requests": a.requests, "max_tokens": a.max_tokens}
+            spec |= {"images": a.images, "image_size": a.image_size}
             level = _ray_level(spec, a, nodes) if a.ray_address else _local_level(spec)
             doc["levels"].append(level)
             if a.out:  # after each level: a crash later keeps what was measured
