@@ -13,6 +13,7 @@ from conftest import CONFIGS, reference_model
 from expertmesh.cluster.cli.main import main
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.ernie.tokenizer import load_tokenizer
+from vl_reference import CASES, prompt, ref_greedy
 
 
 def cli(*args, home=None):
@@ -132,6 +133,10 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
         ("serve", ["--workers", "0"], "--workers"),
         ("bench engine", ["--tokens", "1"], "--tokens"),
         ("make-tiny", ["d", "--top-k", "0"], "--top-k"),
+        ("make-tiny", ["d", "--vl", "--moe-start", "2"], "--vl does not take --moe-start"),
+        ("make-tiny", ["d", "--vl", "--shards", "3"], "--vl does not take --shards"),
+        ("make-tiny", ["d", "--vl", "--dtype", "float32"], "--vl does not take --dtype"),
+        ("make-tiny", ["d", "--vl", "--no-readable-only"], "--readable-only"),
     ],
 )
 def test_argument_errors_show_the_subcommand_usage(capsys, command, args, flag):
@@ -195,3 +200,156 @@ def test_make_tiny_readable_only_flag(capsys, tmp_path):
     code, out, _ = run_main(capsys, "make-tiny", tmp_path / "b", "--no-readable-only", *small)
     assert code == 0 and out.strip() == str(tmp_path / "b")
     assert not json.loads((tmp_path / "b" / "config.json").read_text())["use_bias"]
+
+
+# -- ERNIE-4.5-VL ---------------------------------------------------------------------------
+
+
+def test_make_tiny_vl(capsys, tmp_path, vl_checkpoint):
+    """--vl writes make_tiny_vl's checkpoint: the flags given pass through, the rest keep its
+    defaults (no flags: the checkpoint of make_tiny_vl(seed=0), the tests' own)."""
+    code, out, err = run_main(
+        capsys,
+        *("make-tiny", tmp_path / "small", "--vl", "--experts", 2, "--top-k", 1, "--shared", 0),
+        *("--layers", 2, "--hidden", 32, "--heads", 2, "--kv-heads", 1, "--seed", 3),
+    )
+    assert code == 0 and out.strip() == str(tmp_path / "small"), err
+    cfg = ModelConfig.from_dir(tmp_path / "small")
+    assert cfg.is_vl and (tmp_path / "small" / "preprocessor_config.json").is_file()
+    experts = (cfg.num_text_experts, cfg.num_experts, cfg.top_k, cfg.num_shared_experts)
+    assert experts == (2, 4, 1, 0)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.moe_layers) == (2, 32, (1,))
+    assert (cfg.num_heads, cfg.num_kv_heads) == (2, 1)
+    tok = load_tokenizer(tmp_path / "small")
+    assert tok.convert_tokens_to_ids("<|IMAGE_PLACEHOLDER|>") == cfg.vision.image_token_id
+    code, out, err = run_main(capsys, "make-tiny", tmp_path / "default", "--vl")
+    assert code == 0, err
+    for name in ("config.json", "preprocessor_config.json", "model.safetensors.index.json"):
+        assert (tmp_path / "default" / name).read_text() == (vl_checkpoint / name).read_text()
+
+
+def test_make_tiny_vl_refusal_writes_nothing(capsys, tmp_path):
+    code, _, err = run_main(capsys, "make-tiny", tmp_path / "m", "--vl", "--shards", 1)
+    assert code == 2 and "--vl does not take --shards" in err and not (tmp_path / "m").exists()
+
+
+def vl_generate(capsys, model, *args) -> dict:
+    code, out, err = run_main(capsys, "generate", "--model", model, "--json", *args)
+    assert code == 0, err
+    (line,) = out.strip().splitlines()
+    return json.loads(line)
+
+
+def test_generate_prompt_ids_and_two_images_matches_transformers(tmp_path, vl_checkpoint):
+    """One placeholder per image in --prompt-ids, two images of different sizes, as a user
+    runs it: transformers' greedy tokens; prompt_ids as given (not expanded)."""
+    _, images = CASES["two-images"]
+    for i, im in enumerate(images):
+        im.save(tmp_path / f"{i}.png")
+    ids, _ = prompt(vl_checkpoint, "two-images")
+    r = cli(
+        *("generate", "--model", vl_checkpoint, "--prompt-ids", ",".join(map(str, ids))),
+        *("--image", tmp_path / "0.png", "--image", tmp_path / "1.png"),
+        *("--max-tokens", 12, "--json", "--workers", 2),
+    )
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.strip().splitlines()
+    out = json.loads(line)
+    assert out["token_ids"] == ref_greedy(vl_checkpoint, "two-images", 12)
+    assert out["prompt_ids"] == ids
+    tok = load_tokenizer(vl_checkpoint)
+    assert out["text"] == tok.decode(out["token_ids"], skip_special_tokens=True)
+
+
+def test_generate_chat_prompt_with_an_image(capsys, tmp_path, vl_checkpoint):
+    """--prompt --chat --image: the image goes first in the user message, as transformers'
+    chat template renders an image part; same tokens as transformers."""
+    (messages, (im,)) = CASES["one-image"]  # [image, text] in one user message
+    im.save(tmp_path / "a.png")
+    text = messages[0]["content"][1]["text"]
+    out = vl_generate(
+        capsys, vl_checkpoint, "--prompt", text, "--chat", "--image", tmp_path / "a.png"
+    )
+    ids, _ = prompt(vl_checkpoint, "one-image")
+    assert out["prompt_ids"] == ids
+    assert out["token_ids"] == ref_greedy(vl_checkpoint, "one-image", len(out["token_ids"]))
+    rendered = load_tokenizer(vl_checkpoint).decode(ids)
+    assert rendered == (
+        "<|begin_of_sentence|>User: Picture 1:<|IMAGE_START|><|IMAGE_PLACEHOLDER|>"
+        f"<|IMAGE_END|>{text}\nAssistant: "
+    )
+
+
+def test_generate_text_only_on_a_vl_model(capsys, vl_checkpoint):
+    messages, _ = CASES["text"]
+    out = vl_generate(capsys, vl_checkpoint, "--prompt", messages[0]["content"], "--chat")
+    assert out["token_ids"] == ref_greedy(vl_checkpoint, "text", len(out["token_ids"]))
+
+
+def _image_error_case(tmp_path, kind: str, vl_checkpoint, text_model):
+    """(model, args, words in the error) for a bad use of --image."""
+    from vl_reference import image
+
+    image(40, 40).save(tmp_path / "ok.png")
+    ids, _ = prompt(vl_checkpoint, "one-image")
+    one = ["--prompt-ids", ",".join(map(str, ids))]
+    if kind == "text-model":
+        return (
+            text_model,
+            ["--prompt", "hi", "--chat", "--image", tmp_path / "ok.png"],
+            (
+                "takes no images",
+                str(text_model),
+            ),
+        )
+    if kind == "missing":
+        return vl_checkpoint, [*one, "--image", tmp_path / "nope.png"], ("nope.png", "no such")
+    if kind == "directory":
+        return vl_checkpoint, [*one, "--image", tmp_path], ("is a directory",)
+    if kind == "not-an-image":
+        (tmp_path / "notes.png").write_text("not an image\n")
+        return vl_checkpoint, [*one, "--image", tmp_path / "notes.png"], ("notes.png", "not an")
+    if kind == "truncated":
+        data = (tmp_path / "ok.png").read_bytes()
+        (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+        return vl_checkpoint, [*one, "--image", tmp_path / "cut.png"], ("cut.png", "cannot be")
+    if kind == "aspect":
+        image(2, 600).save(tmp_path / "strip.png")
+        return vl_checkpoint, [*one, "--image", tmp_path / "strip.png"], ("strip.png", "aspect")
+    if kind == "more-images":
+        extra = ["--image", tmp_path / "ok.png", "--image", tmp_path / "ok.png"]
+        return vl_checkpoint, [*one, *extra], ("1 image placeholders", "2 --image files")
+    if kind == "no-images":
+        return vl_checkpoint, one, ("1 image placeholders", "0 --image files")
+    assert kind == "plain-prompt"
+    return (
+        vl_checkpoint,
+        ["--prompt", "hi", "--image", tmp_path / "ok.png"],
+        (
+            "0 image placeholders",
+            "--chat",
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "text-model",
+        "missing",
+        "directory",
+        "not-an-image",
+        "truncated",
+        "aspect",
+        "more-images",
+        "no-images",
+        "plain-prompt",
+    ],
+)
+def test_generate_image_errors(capsys, tmp_path, make_checkpoint, vl_checkpoint, kind):
+    text_model = make_checkpoint(**CONFIGS["top2of8-shared1"])
+    model, args, words = _image_error_case(tmp_path, kind, vl_checkpoint, text_model)
+    code, out, err = run_main(capsys, "generate", "--model", model, *args)
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("expertmesh generate: "), err
+    assert all(w in err for w in words), err

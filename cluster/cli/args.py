@@ -1,6 +1,9 @@
 """Typed command-line arguments: pydantic models whose fields become argparse flags.
 
-Each field has a default and a one-line description, which is the flag's help text.
+Each field has a default and a one-line description, which is the flag's help text. The
+parsed namespace holds every flag's value (the default where it was left out) and, under
+GIVEN, the flags given on the command line; `parse` hands pydantic only those, so the model's
+`model_fields_set` says which flags were given (a rule can refuse a flag that does not apply).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ..config import ClusterConfig
 
@@ -37,6 +40,37 @@ class TinyArgs(BaseModel):
         description="the model never emits a token that is not readable text on its own "
         "(partial UTF-8 bytes, control characters): an lm_head bias keeps them out",
     )
+    vl: bool = Field(
+        False,
+        description="write an ERNIE-4.5-VL checkpoint instead (make_tiny_vl: --experts text and "
+        "as many vision experts, layer 0 dense, a vision tower, preprocessor_config.json); takes "
+        "--seed --experts --top-k --shared --layers --hidden --heads --kv-heads, with "
+        "make_tiny_vl's defaults (4 experts, 3 layers) for those not given",
+    )
+
+    @model_validator(mode="after")
+    def _vl_takes(self) -> TinyArgs:
+        if not self.vl:
+            return self
+        refused = sorted(self.model_fields_set - {"out_dir", "vl"} - set(vl_tiny_params()))
+        if refused:
+            flags = ", ".join(_flag(n, TinyArgs.model_fields[n]) for n in refused)
+            raise ValueError(f"--vl does not take {flags} (make_tiny_vl has no such setting)")
+        return self
+
+    def vl_kwargs(self) -> dict:
+        """make_tiny_vl's keyword arguments: the flags given that it takes."""
+        return {n: getattr(self, n) for n in vl_tiny_params() if n in self.model_fields_set}
+
+
+def vl_tiny_params() -> tuple[str, ...]:
+    """The TinyArgs fields that make_tiny_vl takes (read from its signature; imports torch)."""
+    import inspect
+
+    from expertmesh.ernie.tiny_vl import make_tiny_vl
+
+    taken = inspect.signature(make_tiny_vl).parameters
+    return tuple(n for n in TinyArgs.model_fields if n in taken and n != "out_dir")
 
 
 class EngineArgs(ClusterConfig):
@@ -73,6 +107,12 @@ class GenerateArgs(EngineArgs):
         None, ge=0, description="also report the K most likely tokens per step"
     )
     ignore_eos: bool = Field(False, description="do not stop at the model's EOS tokens")
+    images: list[str] = Field(
+        [],
+        description="an image file (VL models) for the prompt's next image placeholder, "
+        "repeatable, in order; with --prompt --chat the images go first in the user message",
+        json_schema_extra={"flag": "--image", "action": "append", "metavar": "PATH"},
+    )
     as_json: bool = Field(
         False,
         description="print one JSON line: token_ids, text, logprobs",
@@ -114,9 +154,11 @@ def add_args(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
         extra = field.json_schema_extra or {}
         kind = _base_type(field.annotation)
         kw: dict = {"help": field.description}
+        if "metavar" in extra:
+            kw["metavar"] = extra["metavar"]
         if extra.get("action") == "append":
             kw.update(action="append", default=[])
-            parser.add_argument(_flag(name, field), dest=name, **kw)
+            _record(parser.add_argument(_flag(name, field), dest=name, **kw))
             continue
         if kind is bool:  # a default of True needs a --no-... flag to be turned off
             kw["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
@@ -138,15 +180,44 @@ def add_args(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
             kw["default"] = field.default
             if kind is not bool and field.default is not None:
                 kw["help"] += f" (default: {field.default})"
-        parser.add_argument(_flag(name, field), dest=name, **kw)
+        _record(parser.add_argument(_flag(name, field), dest=name, **kw))
+
+
+GIVEN = "flags_given"  # the namespace attribute naming the flags given on the command line
+
+
+class _Given(argparse.Action):
+    """Mixed into a flag's action: notes its dest under GIVEN when the flag is given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        setattr(namespace, GIVEN, {*getattr(namespace, GIVEN, ()), self.dest})
+
+
+_GIVEN_CLASSES: dict[type, type] = {}
+
+
+def _record(action: argparse.Action) -> None:
+    """Make `action` (any kind: store, store_true, append, --x/--no-x) note that it was given."""
+    base = type(action)
+    if base not in _GIVEN_CLASSES:
+        _GIVEN_CLASSES[base] = type(f"Given{base.__name__}", (_Given, base), {})
+    action.__class__ = _GIVEN_CLASSES[base]
 
 
 def parse(parser: argparse.ArgumentParser, model: type[BaseModel], ns: argparse.Namespace):
-    """Validate parsed flags into `model`; bad values exit with a usage error.
+    """Validate parsed flags into `model`; bad values exit with a usage error. Only the flags
+    given (and positionals) go in, so the fields left out take the model's defaults and
+    `model_fields_set` is the set of flags given.
 
     `parser` is the one that defined the flags (a subcommand's), so that the usage line printed
     with the error is that command's."""
-    values = {k: v for k, v in vars(ns).items() if k in model.model_fields}
+    given = getattr(ns, GIVEN, set())
+    values = {
+        k: v
+        for k, v in vars(ns).items()
+        if k in model.model_fields and (k in given or model.model_fields[k].is_required())
+    }
     try:
         return model(**values)
     except ValidationError as e:
@@ -158,4 +229,6 @@ def _problem(model: type[BaseModel], err: dict) -> str:
     name = str(err["loc"][0]) if err["loc"] else None
     if name in model.model_fields:
         return f"{_flag(name, model.model_fields[name])}: {err['msg']}"
+    if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+        return str(err["ctx"]["error"])  # a validator's own words, without "Value error, "
     return err["msg"]

@@ -34,12 +34,70 @@ def checked_model(model: str | None) -> Path:
 
 
 def cmd_make_tiny(a: TinyArgs) -> int:
-    from expertmesh.ernie.tiny import make_tiny
+    if a.vl:  # only the flags given: make_tiny_vl's own defaults for the rest
+        from expertmesh.ernie.tiny_vl import make_tiny_vl
 
-    kw = a.model_dump(exclude={"out_dir"})
-    path = make_tiny(a.out_dir, **kw)
+        path = make_tiny_vl(a.out_dir, **a.vl_kwargs())
+    else:
+        from expertmesh.ernie.tiny import make_tiny
+
+        path = make_tiny(a.out_dir, **a.model_dump(exclude={"out_dir", "vl"}))
     print(path)
     return 0
+
+
+def load_images(paths: list[str]) -> list:
+    """The --image files as PIL images, decoded now: a missing or unreadable file is a one-line
+    error (ValueError, reported by `main`) before any engine starts."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for p in paths:
+        try:
+            with Image.open(Path(p).expanduser()) as im:
+                im.load()
+                images.append(im.copy())
+        except FileNotFoundError:
+            raise ValueError(f"--image {p!r}: no such file") from None
+        except IsADirectoryError:
+            raise ValueError(f"--image {p!r} is a directory, not an image file") from None
+        except UnidentifiedImageError:
+            raise ValueError(f"--image {p!r} is not an image file PIL can read") from None
+        except Exception as e:  # truncated or corrupt data, no permission, a decompression bomb
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"--image {p!r} cannot be read as an image: {why}") from None
+    return images
+
+
+def image_inputs(a: GenerateArgs, model_dir: Path, model_cfg, ids: list[int]):
+    """The --image files, decoded and preprocessed with the checkpoint's
+    preprocessor_config.json, after checking that the model takes images and that the prompt
+    has one image placeholder per image; None without images."""
+    v = model_cfg.vision
+    if a.images and v is None:
+        raise ValueError(
+            f"--image: the model at {model_dir} takes no images (not an ERNIE-4.5-VL checkpoint)"
+        )
+    pictures = load_images(a.images)
+    found = ids.count(v.image_token_id) if v is not None else 0
+    if found != len(pictures):
+        hint = "; --chat puts them in the user message" if a.prompt and not a.chat else ""
+        raise ValueError(
+            f"the prompt has {found} image placeholders (token {v.image_token_id}) for "
+            f"{len(pictures)} --image files{hint}"
+        )
+    if not pictures:
+        return None
+    from expertmesh.ernie.image import ImageInputs, ImageSettings, preprocess
+
+    settings = ImageSettings.from_dir(model_dir)
+    parts = []
+    for p, im in zip(a.images, pictures, strict=True):
+        try:
+            parts.append(preprocess([im], settings))
+        except ValueError as e:  # e.g. an aspect ratio past 200
+            raise ValueError(f"--image {p!r}: {e}") from None
+    return ImageInputs.concat(parts)
 
 
 def prompt_ids(a: GenerateArgs, tokenizer) -> list[int]:
@@ -57,11 +115,15 @@ def prompt_ids(a: GenerateArgs, tokenizer) -> list[int]:
     if a.chat:
         from expertmesh.ernie.tokenizer import chat_prompt_ids
 
-        return chat_prompt_ids(tokenizer, [{"role": "user", "content": a.prompt}])
+        content = a.prompt  # with images: image parts first, then the text
+        if a.images:
+            content = [{"type": "image"}] * len(a.images) + [{"type": "text", "text": a.prompt}]
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": content}])
     return tokenizer.encode(a.prompt)
 
 
 def cmd_generate(a: GenerateArgs) -> int:
+    from expertmesh.ernie.config import ModelConfig
     from expertmesh.ernie.tokenizer import load_tokenizer
     from expertmesh.router.engine import RequestError
     from expertmesh.router.sampling import SamplingParams
@@ -71,6 +133,7 @@ def cmd_generate(a: GenerateArgs) -> int:
     path = checked_model(a.model)
     tokenizer = load_tokenizer(path)
     ids = prompt_ids(a, tokenizer)
+    images = image_inputs(a, path, ModelConfig.from_dir(path), ids)  # before any engine starts
     params = SamplingParams(
         max_tokens=a.max_tokens,
         temperature=a.temperature,
@@ -82,7 +145,10 @@ def cmd_generate(a: GenerateArgs) -> int:
     )
     with open_engine(a.cluster_config(path)) as engine:
         try:
-            out = engine.generate([ids], params)[0]
+            if images is None:
+                out = engine.generate([ids], params)[0]
+            else:  # the engine expands each placeholder to its image's token count
+                out = engine.generate([ids], params, images=[images])[0]
         except RequestError as e:
             raise SystemExit(f"expertmesh generate: {e}") from None
     text = tokenizer.decode(out.token_ids, skip_special_tokens=True) if tokenizer else ""
