@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 import httpx
+from expertmesh.ernie.image import ImageInputs, ImageSettings, expand_placeholders, preprocess
 from PIL import Image, UnidentifiedImageError
 
 from . import openai_protocol as op
@@ -110,3 +111,48 @@ async def load_image(url: str, limits: ImageLimits, param: str) -> Image.Image:
     else:
         raise _bad(param, "an image URL must be a data: URL (or http(s), where allowed)")
     return await asyncio.to_thread(decode_image, raw, limits, param)
+
+
+class RequestImages:
+    """A VL model's side of a chat request: its images, checked and preprocessed, and the
+    prompt as the engine will see it (each placeholder expanded to its image's tokens)."""
+
+    def __init__(self, args, model_path: str, model_cfg):
+        self.max_images = args.max_images_per_request
+        self.limits = ImageLimits(
+            max_bytes=args.max_image_bytes,
+            max_pixels=args.max_image_pixels,
+            allow_remote=args.allow_remote_images,
+            fetch_timeout_s=args.image_fetch_timeout_s,
+        )
+        self.settings = ImageSettings.from_dir(model_path)
+        self.placeholder = model_cfg.vision.image_token_id if model_cfg.is_vl else None
+
+    async def load(self, req) -> ImageInputs | None:
+        """The request's images, fetched or decoded, checked and preprocessed; None if none."""
+        parts = op.image_parts(req)
+        if not parts:
+            return None
+        if len(parts) > self.max_images:
+            raise op.bad_request(
+                f"the request has {len(parts)} images; this server takes at most {self.max_images}",
+                param="messages",
+            )
+        loaded = await asyncio.gather(*(load_image(url, self.limits, p) for p, url in parts))
+        try:
+            return await asyncio.to_thread(preprocess, loaded, self.settings)
+        except ValueError as e:  # e.g. an aspect ratio the processor cannot resize
+            raise op.bad_request(f"an image cannot be processed: {e}", "messages") from None
+
+    def expanded(self, prompt: list[int], images: ImageInputs | None) -> list[int]:
+        """The prompt with each image placeholder expanded to that image's tokens."""
+        if images is None:
+            return prompt
+        counts = images.tokens_per_image(self.settings.merge_size)
+        found = prompt.count(self.placeholder)
+        if found != len(counts):
+            raise op.bad_request(
+                f"the chat template wrote {found} image placeholders for {len(counts)} images",
+                param="messages",
+            )
+        return expand_placeholders(prompt, self.placeholder, counts)

@@ -7,143 +7,29 @@ here, generation in the gateway deployment it holds a handle to.
 # No `from __future__ import annotations` here: Serve re-wraps the endpoint methods and
 # FastAPI must see real annotations to recognise `request: Request`.
 import asyncio
-import json
 import logging
-import math
 import time
 from pathlib import Path
 
 from expertmesh.ernie.config import ModelConfig
-from expertmesh.ernie.image import ImageInputs, ImageSettings, expand_placeholders, preprocess
 from expertmesh.ernie.tokenizer import load_tokenizer
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import TaskCancelledError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServeArgs
 from . import openai_protocol as op
 from . import openai_responses as resp
-from .images import ImageLimits, load_image
+from .admission import Admission
+from .http_app import app, json_body, num_prompts, page_file, retry_headers
+from .images import RequestImages
 from .metrics import Metrics
 from .multiplex import Choice, Mux, merged
 from .ratelimit import load_keys
 
 log = logging.getLogger(__name__)
-# the docs need a key when keys are set, so they are endpoints of the ingress (below)
-app = FastAPI(
-    title="expertmesh",
-    description="OpenAI-compatible ERNIE 4.5 MoE serving",
-    docs_url=None,
-    redoc_url=None,
-    openapi_url=None,
-)
-# the chat page: plain files shipped in the package, served without a key (they hold no data;
-# the page asks for a key when /v1/models answers 401) and with nothing from outside
-STATIC = Path(__file__).parent / "static"
-PAGE_FILES = {
-    "index.html": "text/html; charset=utf-8",
-    "app.js": "text/javascript; charset=utf-8",
-    "style.css": "text/css; charset=utf-8",
-}
-PAGE_HEADERS = {
-    "Cache-Control": "no-cache",
-    "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
-}
 HEALTH_TIMEOUT_S = 0.9  # /health answers within a second, whatever the gateway is doing
-PARSE_IN_THREAD_BYTES = 256 * 1024  # bodies past this are parsed off the event loop
-
-
-def retry_headers(e: op.APIError) -> dict | None:
-    """Retry-After (whole seconds) and retry-after-ms on 429 and 503."""
-    if e.status not in (429, 503):
-        return None
-    wait = getattr(e, "retry_after_s", 1.0)
-    return {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(int(wait * 1e3))}
-
-
-def too_many(message: str, retry_after_s: float, type: str | None = None, code=None):
-    e = op.APIError(429, message, type, code=code)
-    e.retry_after_s = retry_after_s
-    return e
-
-
-@app.exception_handler(op.APIError)
-async def _api_error(request: Request, e: op.APIError):
-    return JSONResponse(e.body(), status_code=e.status, headers=retry_headers(e))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, e: RequestValidationError):
-    msg = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-    return JSONResponse(op.bad_request(msg).body(), status_code=400)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, e: StarletteHTTPException):
-    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-    msg = f"{request.method} {request.url.path}: {e.detail}"
-    return JSONResponse(op.APIError(e.status_code, msg, kind).body(), status_code=e.status_code)
-
-
-@app.exception_handler(Exception)
-async def _internal_error(request: Request, e: Exception):
-    if isinstance(e, TaskCancelledError):  # the client went away; nobody reads this answer
-        log.debug("%s: cancelled, the client went away", request.url.path)
-        return Response(status_code=499)
-    log.exception("unhandled error on %s", request.url.path)
-    return JSONResponse(
-        op.APIError(500, f"internal error: {e}", "internal_error").body(), status_code=500
-    )
-
-
-def _parse_json(raw: bytes):
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise op.bad_request(f"the request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise op.bad_request("the request body is nested too deeply") from None
-
-
-async def _json_body(request: Request, limit: int):
-    """The parsed body; 413 past `limit` bytes, without reading more than that."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise _too_large(int(length), limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(size, limit)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if len(raw) > PARSE_IN_THREAD_BYTES:
-        return await asyncio.to_thread(_parse_json, raw)
-    return _parse_json(raw)
-
-
-def _num_prompts(prompt) -> int:
-    """Prompts in a completions `prompt`: a text or token ids are one, a list of them many."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        return len(prompt)
-    return 1
-
-
-def _too_large(size: int, limit: int) -> op.APIError:
-    message = f"the request body is {size}+ bytes; this server takes at most {limit}"
-    return op.APIError(413, message, "invalid_request_error", code="request_too_large")
-
-
-def _page_file(name: str) -> FileResponse:
-    if name not in PAGE_FILES:  # a fixed list: no path from the URL reaches the filesystem
-        raise op.APIError(404, f"GET /static/{name}: no such file", "not_found_error")
-    return FileResponse(STATIC / name, media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
 
 
 @serve.ingress(app)
@@ -154,20 +40,14 @@ class Ingress:
         self.args = ServeArgs.model_validate(args)
         self.keys = load_keys(self.args.api_keys, self.args.api_keys_file)
         limited = any(lim.rpm or lim.tpm for lim in self.keys.values())
-        self.limiter = limiter if limited else None
+        self.admission = Admission(self.args, limiter if limited else None)
         self.model_name = model_name
         self.names = {model_name, model_path, Path(model_path).name, ""}
         self.tokenizer = load_tokenizer(model_path)
         if self.tokenizer is None:
             raise ValueError(f"{model_path} has no tokenizer; the HTTP API needs one")
         self.model_cfg = ModelConfig.from_dir(model_path)
-        self.image_settings = ImageSettings.from_dir(model_path)
-        self.image_limits = ImageLimits(
-            max_bytes=self.args.max_image_bytes,
-            max_pixels=self.args.max_image_pixels,
-            allow_remote=self.args.allow_remote_images,
-            fetch_timeout_s=self.args.image_fetch_timeout_s,
-        )
+        self.images = RequestImages(self.args, model_path, self.model_cfg)
         self.max_model_len: int | None = None
         self.metrics = Metrics()
         self.created = int(time.time())
@@ -186,45 +66,10 @@ class Ingress:
             )
         return key
 
-    def _check_choices(self, num_prompts: int, n: int) -> int:
-        if num_prompts * n > self.args.max_choices_per_request:
-            raise op.bad_request(
-                f"this request asks for {num_prompts * n} completions ({num_prompts} prompts "
-                f"x n={n}); this server allows at most {self.args.max_choices_per_request}",
-                param="n",
-            )
-        return num_prompts * n
-
     async def _admit(self, request: Request, prompts: list[list[int]], req) -> None:
-        """Bound the work one request may create, before anything is submitted: 400 past the
-        per-request limits, 429 past the key's rate limit or this replica's in-flight bound."""
-        n = self._check_choices(len(prompts), req.n)
-        ctx = await self._context()
-        max_tokens = req.requested_max_tokens or self.args.default_max_tokens
-        tokens = sum(len(p) + min(max_tokens, ctx - len(p)) for p in prompts) * req.n
-        if tokens > self.args.max_request_tokens:
-            raise op.bad_request(
-                f"this request may use {tokens} tokens (prompts + max_tokens, times n); "
-                f"this server allows at most {self.args.max_request_tokens} per request",
-                param="max_tokens",
-            )
-        key = request.state.api_key
-        if self.limiter is not None and key is not None:
-            over = await self.limiter.acquire.remote(key, tokens)
-            if over is not None:
-                raise too_many(
-                    f"rate limit reached for {over['limit']}: {over['per_minute']} per minute "
-                    f"for this API key; retry in {over['retry_after_s']:.2f}s",
-                    over["retry_after_s"],
-                    type=over["limit"],
-                    code="rate_limit_exceeded",
-                )
+        context = await self._context()
         inflight = len(self.mux.queues)
-        if inflight + n > self.args.max_inflight:
-            raise too_many(
-                f"the server is at capacity ({inflight} requests in flight); retry shortly",
-                0.5,
-            )
+        await self.admission.admit(request.state.api_key, prompts, req, context, inflight)
 
     def _check_model(self, model: str) -> None:
         if model not in self.names:
@@ -252,37 +97,6 @@ class Ingress:
             )
             for i in range(n)
         ]
-
-    async def _images(self, req) -> ImageInputs | None:
-        """The request's images, fetched or decoded, checked and preprocessed (VL models)."""
-        parts = op.image_parts(req)
-        if not parts:
-            return None
-        if len(parts) > self.args.max_images_per_request:
-            raise op.bad_request(
-                f"the request has {len(parts)} images; this server takes at most "
-                f"{self.args.max_images_per_request}",
-                param="messages",
-            )
-        loaded = await asyncio.gather(*(load_image(url, self.image_limits, p) for p, url in parts))
-        try:
-            return await asyncio.to_thread(preprocess, loaded, self.image_settings)
-        except ValueError as e:  # e.g. an aspect ratio the processor cannot resize
-            raise op.bad_request(f"an image cannot be processed: {e}", "messages") from None
-
-    def _expanded(self, prompt: list[int], images: ImageInputs | None) -> list[int]:
-        """The prompt with each image placeholder expanded to that image's tokens."""
-        if images is None:
-            return prompt
-        counts = images.tokens_per_image(self.image_settings.merge_size)
-        placeholder = self.model_cfg.vision.image_token_id
-        if prompt.count(placeholder) != len(counts):
-            raise op.bad_request(
-                f"the chat template wrote {prompt.count(placeholder)} image placeholders for "
-                f"{len(counts)} images",
-                param="messages",
-            )
-        return expand_placeholders(prompt, placeholder, counts)
 
     async def _start(self, choices: list[Choice]) -> None:
         try:
@@ -333,11 +147,11 @@ class Ingress:
 
     @app.get("/", include_in_schema=False)
     async def page(self):
-        return _page_file("index.html")
+        return page_file("index.html")
 
     @app.get("/static/{name}", include_in_schema=False)
     async def page_static(self, name: str):
-        return _page_file(name)
+        return page_file(name)
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request):
@@ -390,12 +204,12 @@ class Ingress:
     # -- chat -------------------------------------------------------------------------------
 
     async def _chat(self, request: Request, t0: float):
-        body = await _json_body(request, self.args.max_body_bytes)
+        body = await json_body(request, self.args.max_body_bytes)
         req = op.parse_chat_request(body, images=self.model_cfg.is_vl)
         self._check_model(req.model)
-        images = await self._images(req)  # VL: checked and preprocessed, before tokenizing
+        images = await self.images.load(req)  # VL: checked and preprocessed, before tokenizing
         prompt = await asyncio.to_thread(op.chat_prompt_ids, req, self.tokenizer)
-        expanded = self._expanded(prompt, images)  # what the engine computes and counts
+        expanded = self.images.expanded(prompt, images)  # what the engine computes and counts
         op.check_prompt(
             expanded,
             self.model_cfg.vocab_size,
@@ -437,9 +251,9 @@ class Ingress:
     # -- completions ------------------------------------------------------------------------
 
     async def _completions(self, request: Request, t0: float):
-        req = op.parse_completion_request(await _json_body(request, self.args.max_body_bytes))
+        req = op.parse_completion_request(await json_body(request, self.args.max_body_bytes))
         self._check_model(req.model)
-        self._check_choices(_num_prompts(req.prompt), req.n)  # before tokenizing them all
+        self.admission.check_choices(num_prompts(req.prompt), req.n)  # before tokenizing them all
         prompts = await asyncio.to_thread(op.completion_prompts, req, self.tokenizer)
         ctx = await self._context()
         for p in prompts:
