@@ -22,9 +22,6 @@ import logging
 import math
 import random
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,7 +32,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from ..runtime.resources import free_port
+from .local_server import start_server, stop_server
 
 log = logging.getLogger(__name__)
 
@@ -560,43 +557,23 @@ def compare(a: BenchServeArgs) -> list[dict]:
 # ---- the server started here -------------------------------------------------------------------
 
 
-def _start_server(a: BenchServeArgs) -> tuple[subprocess.Popen, str, str]:
-    from .bench_soak import _stop_server
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "expertmesh.cluster.cli", "serve", "--port", str(port)]
-    cmd += ["--workers", str(a.workers), "--transport", a.transport]
-    cmd += ["--model", a.model] if a.model else []
-    with tempfile.NamedTemporaryFile("w", prefix="bench-serve-", suffix=".log", delete=False) as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        if "serving" in Path(f.name).read_text(errors="replace"):
-            return proc, f"http://127.0.0.1:{port}", f.name
-        time.sleep(0.5)
-    _stop_server(proc)
-    raise RuntimeError(f"the server did not start; its log:\n{Path(f.name).read_text()[-3000:]}")
-
-
 def bench_serve(a: BenchServeArgs) -> dict | list[dict]:
     """Run the levels (or, with --compare, plot existing results); print the table."""
     if a.compare:
         return compare(a)
-    from .bench_soak import _stop_server
-
     proc, url = None, a.url
     label = a.label or a.url or f"built-in model, {a.transport}, {a.workers} workers"
     if url is None:
         if a.ray_address:
             log.warning("the server started here listens on 127.0.0.1: only this node reaches it")
-        proc, url, log_path = _start_server(a)
+        proc, url, log_path = start_server(a.workers, a.transport, a.model, "bench-serve-")
         log.info("server at %s (log: %s)", url, log_path)
     url = url.rstrip("/").removesuffix("/v1")
     try:
         doc = run_levels(a, url, label)
     finally:
         if proc is not None:
-            _stop_server(proc)
+            stop_server(proc)
     print(header(doc) + "\n" + table(doc), flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(doc))

@@ -17,10 +17,6 @@ import math
 import os
 import random
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,7 +25,7 @@ import httpx
 from pydantic import BaseModel, Field, model_validator
 
 from ..config import ServeArgs
-from ..runtime.resources import free_port
+from .local_server import start_server, stop_server
 
 # A bad request of each kind and the status it must get.
 EXPECTED = dict.fromkeys(["malformed_json", "wrong_types", "too_long_prompt", "nested_json"], 400)
@@ -179,39 +175,6 @@ def rss_by_kind(root: int) -> dict[str, dict]:
     return {k: {"n": n[k], "mb": mb[k]} for k in sorted(n)}
 
 
-def _start_server(a: SoakArgs) -> tuple[subprocess.Popen, str, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "expertmesh.cluster.cli", "serve", "--port", str(port)]
-    cmd += ["--workers", "2", "--transport", "grpc"] + (["--model", a.model] if a.model else [])
-    with tempfile.NamedTemporaryFile("w", prefix="soak-serve-", suffix=".log", delete=False) as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        if "serving" in Path(log.name).read_text(errors="replace"):
-            return proc, f"http://127.0.0.1:{port}", log.name
-        time.sleep(0.5)
-    _stop_server(proc)
-    raise RuntimeError(f"the server did not start; its log:\n{Path(log.name).read_text()[-3000:]}")
-
-
-def _stop_server(proc: subprocess.Popen) -> list[int]:
-    """SIGTERM, up to 2 minutes for its process tree to end, then SIGKILL to what is left."""
-    family, deadline, left = _family(proc.pid), time.monotonic() + 120, []
-    proc.send_signal(signal.SIGTERM)
-    while time.monotonic() < deadline:
-        proc.poll()  # reaps it once it exits
-        procs = _procs()
-        if not (left := [p for p in family if procs.get(p, (0, "Z"))[1] != "Z"]):
-            break
-        time.sleep(0.5)
-    for p in left:  # never leave them behind
-        with contextlib.suppress(OSError):
-            os.kill(p, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(10)
-    return left
-
-
 async def _report(a: SoakArgs, tally: Tally, root, kinds: list[str], t0: float) -> list[dict]:
     """A row every interval_s until the end: tok/s and outcomes over the interval, RSS now."""
     rows, last_t, last_tokens, last, end = [], t0, 0, Counter(), t0 + 60 * a.minutes
@@ -280,7 +243,7 @@ def bench_soak(a: SoakArgs) -> dict:
     """Hold the load, print a row per interval and a summary; the results as a dict."""
     proc, url, log_path, left = None, a.url, None, []
     if url is None:
-        proc, url, log_path = _start_server(a)
+        proc, url, log_path = start_server(2, "grpc", a.model, "soak-serve-")
     url = url.rstrip("/").removesuffix("/v1")
     where = a.url or f"built-in model, 2 workers, grpc (server log, kept: {log_path})"
     args = a.model_dump(exclude={"api_key"})  # no secret in the output
@@ -289,7 +252,7 @@ def bench_soak(a: SoakArgs) -> dict:
         rows, tally, idle = asyncio.run(_soak(a, url, proc.pid if proc else None))
     finally:
         if proc is not None:
-            left = _stop_server(proc)
+            left = stop_server(proc)
     res = {"args": args, "url": url, "server_log": log_path, "left_behind": left, "rows": rows}
     log = Path(log_path).read_text(errors="replace") if log_path else ""
     res |= {"rss_idle": idle, **vars(tally), "server_exceptions": Counter(LOG_ERROR.findall(log))}
