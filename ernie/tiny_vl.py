@@ -24,7 +24,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer
 
 from .image import CLIP_MEAN, CLIP_STD
-from .tiny import BOS, CLS, EOS, MAX_POSITIONS, SEP, SPECIAL_TOKENS, UNK, tokenizer_json
+from .tiny import MAX_POSITIONS, SEP, SPECIAL_TOKENS, _tokenizer_config, tokenizer_json
 
 # (name in tokenizer_config's extra_special_tokens, text), in id order after the BPE vocab
 VL_TOKENS = (
@@ -69,20 +69,8 @@ def vl_tokenizer_json() -> tuple[str, dict[str, int]]:
 def _write_tokenizer(out: Path) -> dict[str, int]:
     text, ids = vl_tokenizer_json()
     (out / "tokenizer.json").write_text(text, encoding="utf-8")
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "unk_token": UNK,
-        "pad_token": UNK,
-        "cls_token": CLS,
-        "sep_token": SEP,
+    config = _tokenizer_config() | {
         "extra_special_tokens": dict(VL_TOKENS),
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": MAX_POSITIONS,
-        "padding_side": "left",
         "chat_template": VL_CHAT_TEMPLATE,
     }
     _write_json(out / "tokenizer_config.json", config)
