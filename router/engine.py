@@ -26,7 +26,7 @@ from .dispatch import Dispatcher, LocalDispatcher
 from .events import ErrorKind, TokenEvent, error_event
 from .model import GatewayModel
 from .multimodal import MultimodalPrompt, build_multimodal_step, multimodal_prompt
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams, base_seed, sample, step_seed
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,15 @@ class Completion:
 class _Request:
     seq: Sequence
     params: SamplingParams
-    generator: torch.Generator
+    seed: int  # the draw at output position k is seeded with step_seed(seed, k)
     stop_ids: frozenset[int]
     mm: MultimodalPrompt | None = None  # a VL prompt's images, 3D positions, vision tokens
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def generator_for_next(self) -> torch.Generator:
+        if not self.params.greedy:
+            self.generator.manual_seed(step_seed(self.seed, self.seq.num_generated))
+        return self.generator
 
 
 class LLMEngine:
@@ -137,10 +143,19 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt_ids: Seq[int], params: SamplingParams, images=None
+        self,
+        request_id: str,
+        prompt_ids: Seq[int],
+        params: SamplingParams,
+        images=None,
+        resume_ids: Seq[int] = (),
     ) -> None:
         """images (VL): PIL images or ImageInputs, one per image placeholder in the prompt, in
-        order; each placeholder is expanded to its image's token count."""
+        order; each placeholder is expanded to its image's token count.
+
+        resume_ids: output tokens the request already has (it ran elsewhere and moved here):
+        they are recomputed with the prompt and count as output (max_tokens, seeded draws), so
+        the request continues exactly where it stopped."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running")
         prompt, mm = self._prompt(prompt_ids, images)
@@ -150,7 +165,10 @@ class LLMEngine:
                 f"{self.max_model_len} tokens including the output"
             )
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
-        seq = Sequence(request_id, prompt, max_tokens)
+        resumed = self._checked_ids(resume_ids)
+        if len(resumed) >= max_tokens:
+            raise RequestError(f"nothing left to generate after {len(resumed)} resumed tokens")
+        seq = Sequence(request_id, prompt + resumed, max_tokens, num_prompt=len(prompt))
         stop = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop |= set(self.model_cfg.eos_token_ids)
@@ -159,25 +177,29 @@ class LLMEngine:
         except ValueError as e:
             raise RequestError(str(e)) from e
         self.requests[request_id] = _Request(
-            seq, params, make_generator(params.seed), frozenset(stop), mm
+            seq, params, base_seed(params.seed), frozenset(stop), mm
         )
 
     def _prompt(self, prompt_ids: Seq[int], images) -> tuple[list[int], MultimodalPrompt | None]:
         """Checked token ids, placeholders expanded, and the VL state of the prompt."""
-        prompt = [int(t) for t in prompt_ids]
+        prompt = self._checked_ids(prompt_ids)
         if not prompt:
             raise RequestError("the prompt is empty")
-        bad = [t for t in prompt if not 0 <= t < self.model_cfg.vocab_size]
-        if bad:
-            raise RequestError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_cfg.vocab_size})"
-            )
         try:
             if images is not None and not isinstance(images, ImageInputs):
                 images = preprocess(images, self.image_settings) if len(images) else None
             return multimodal_prompt(prompt, self.model_cfg, images)
         except Exception as e:  # an unreadable image, placeholders that do not pair up, ...
             raise RequestError(str(e)) from e
+
+    def _checked_ids(self, ids: Seq[int]) -> list[int]:
+        ids = [int(t) for t in ids]
+        bad = [t for t in ids if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise RequestError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_cfg.vocab_size})"
+            )
+        return ids
 
     def _mm_of(self, seq_id: str) -> MultimodalPrompt | None:
         req = self.requests.get(seq_id)
@@ -230,7 +252,8 @@ class LLMEngine:
         if not rows:
             return []
         reqs = [self.requests[plan[i].seq.seq_id] for i in rows]
-        sampled = sample(logits[rows], [r.params for r in reqs], [r.generator for r in reqs])
+        gens = [r.generator_for_next() for r in reqs]
+        sampled = sample(logits[rows], [r.params for r in reqs], gens)
         routing = self._routing(reqs, last_index, rows)
         events = []
         for req, s, experts in zip(reqs, sampled, routing, strict=True):

@@ -39,10 +39,13 @@ class EngineLoop:
         params: SamplingParams,
         on_event: OnEvent,
         images=None,
+        resume_ids: Sequence[int] = (),
     ) -> None:
         """Queue a request; its tokens (or an error event) arrive through `on_event`.
-        images (VL): as `LLMEngine.add_request` takes them (preprocessed is cheaper here)."""
-        self._inbox.put(("add", request_id, list(prompt_ids), params, on_event, images))
+        images (VL): as `LLMEngine.add_request` takes them (preprocessed is cheaper here).
+        resume_ids: output tokens it already has (it moved here from another gateway)."""
+        cmd = ("add", request_id, list(prompt_ids), params, on_event, images, list(resume_ids))
+        self._inbox.put(cmd)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -92,12 +95,12 @@ class EngineLoop:
 
     def _handle(self, cmd: tuple) -> None:
         if cmd[0] == "add":
-            _, rid, prompt, params, on_event, images = cmd
+            _, rid, prompt, params, on_event, images, resume_ids = cmd
             if rid in self._listeners:
                 on_event(error_event(rid, ErrorKind.INVALID, f"duplicate request id {rid!r}"))
                 return
             try:
-                self.engine.add_request(rid, prompt, params, images)
+                self.engine.add_request(rid, prompt, params, images, resume_ids)
             except RequestError as e:
                 on_event(error_event(rid, ErrorKind.INVALID, str(e)))
                 return

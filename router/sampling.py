@@ -1,5 +1,9 @@
 """Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds.
 
+A seeded request's token at output position k depends only on (seed, k) and the logits, never on
+the process that sampled the tokens before it: that is what lets a request move to another
+gateway mid-stream and continue with the tokens it would have had.
+
 Log-probabilities are those of the model's own distribution (log-softmax of the raw logits),
 before temperature or filtering, as vLLM reports them by default.
 """
@@ -41,10 +45,21 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
-    return g
+def base_seed(seed: int | None) -> int:
+    """The request's seed, or a random one: every sampled request has one."""
+    return seed if seed is not None else random.SystemRandom().randrange(2**63)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of a request's draw at output position `step`.
+
+    Draws depend on (seed, step) alone, not on how many draws came before in this process, so a
+    request resumed at step k on another gateway (failover) draws exactly what it would have.
+    """
+    x = (seed + 0x9E3779B97F4A7C15 * (step + 1)) % 2**64  # splitmix64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 31)) % 2**63
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

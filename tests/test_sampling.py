@@ -8,14 +8,14 @@ import pytest
 import torch
 from conftest import CONFIGS
 from expertmesh.router.engine import LLMEngine
-from expertmesh.router.sampling import SamplingParams, filter_logits, make_generator, sample
+from expertmesh.router.sampling import SamplingParams, filter_logits, sample, step_seed
 
 PROBS = torch.tensor([0.05, 0.5, 0.15, 0.3])  # token 1, then 3, then 2, then 0
 LOGITS = PROBS.log()
 
 
 def draws(params, n=400, seed=0):
-    g = make_generator(seed)
+    g = torch.Generator().manual_seed(seed)
     return [sample(LOGITS[None], [params], [g])[0].token for _ in range(n)]
 
 
@@ -55,7 +55,11 @@ def test_seed_reproduces_and_differs():
 
 
 def test_greedy_and_logprobs():
-    s = sample(LOGITS[None], [SamplingParams(temperature=0, logprobs=2)], [make_generator(0)])[0]
+    s = sample(
+        LOGITS[None],
+        [SamplingParams(temperature=0, logprobs=2)],
+        [torch.Generator().manual_seed(0)],
+    )[0]
     assert s.token == 1 and math.isclose(s.logprob, math.log(0.5), rel_tol=1e-5)
     assert [t for t, _ in s.top] == [1, 3]
 
@@ -79,3 +83,30 @@ def test_seeded_sampling_through_the_engine_ignores_batchmates(make_checkpoint):
     assert alone == batched
     again = engine.generate([[5, 6, 7]], SamplingParams(**{**p.__dict__, "seed": 43}))[0]
     assert again.token_ids != alone
+
+
+def test_step_seeds_differ_by_seed_and_step():
+    seeds = {step_seed(s, k) for s in range(20) for k in range(50)}
+    assert len(seeds) == 1000
+    assert all(0 <= x < 2**63 for x in seeds)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_resumed_request_continues_with_the_same_tokens(make_checkpoint, temperature):
+    """Failover's promise at the engine: given the prompt, the tokens already sent and the
+    seed, another engine continues with exactly the tokens the first would have made."""
+    path = make_checkpoint(**CONFIGS["top2of8-shared1"])
+    engine = LLMEngine.from_checkpoint(path, num_shards=2)
+    p = SamplingParams(max_tokens=12, temperature=temperature, top_k=20, seed=7, ignore_eos=True)
+    prompt = [5, 6, 7, 8]
+    full = engine.generate([prompt], p)[0].token_ids
+    assert len(full) == 12
+    for k in (1, 5, 11):
+        fresh = LLMEngine.from_checkpoint(path, num_shards=1)  # another gateway, other shards
+        fresh.add_request("r", prompt, p, resume_ids=full[:k])
+        out = []
+        while fresh.has_work():
+            out += [ev.token_id for ev in fresh.step()]
+        assert full[:k] + out == full
+    with pytest.raises(ValueError, match="nothing left"):
+        engine.add_request("done", prompt, p, resume_ids=full)
