@@ -105,6 +105,23 @@ class ServeArgs(ClusterConfig):
     address: str | None = Field(
         None, description="Ray cluster to join; default: a local Ray on 127.0.0.1"
     )
+    gateways: str = Field(
+        "1",
+        pattern=r"^(auto|[1-9][0-9]*)$",
+        description="gateway replicas (attention, router, KV cache) sharing one pool of expert "
+        "workers; auto: Serve scales them between --min-gateways and --max-gateways on load",
+    )
+    min_gateways: int = Field(1, ge=1, description="gateway replicas at least (--gateways auto)")
+    max_gateways: int = Field(4, ge=1, description="gateway replicas at most (--gateways auto)")
+    target_gateway_requests: int = Field(
+        32, ge=1, description="autoscaling target: ongoing requests per gateway replica"
+    )
+    gateway_timeout_s: float = Field(
+        5,
+        gt=0,
+        description="a gateway whose stream stays silent this long is taken as hung: its "
+        "requests continue on another gateway",
+    )
     min_replicas: int = Field(1, ge=1, description="ingress replicas at least")
     max_replicas: int = Field(2, ge=1, description="ingress replicas at most")
     target_ongoing_requests: int = Field(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from expertmesh.cluster.api.app import build_app, gateway_deployment
+from expertmesh.cluster.api.app import build_app, gateway_deployment, pool_deployment
 from expertmesh.cluster.cli.args import EngineArgs, GenerateArgs, add_args, parse
 from expertmesh.cluster.cli.main import build_parser
 from expertmesh.cluster.config import ClusterConfig, ServeArgs
@@ -43,10 +43,12 @@ SOURCES = {
 def test_strategy_from_a_serve_config_reaches_the_placement_group(source):
     args = ServeArgs.model_validate(cpu(SOURCES[source](), strategy="SPREAD"))
     assert args.cluster_config().strategy == "SPREAD"
-    deployment = gateway_deployment(args)
+    deployment = pool_deployment(args)  # the workers are placed once, by the shared pool
     assert deployment._replica_config.placement_group_strategy == "SPREAD"
     bundles = deployment._replica_config.placement_group_bundles
-    assert len(bundles) == 1 + args.workers  # the gateway's, then one per worker
+    assert len(bundles) == 1 + args.workers  # the pool's own, then one per worker
+    gateways = gateway_deployment(args)._replica_config
+    assert gateways.placement_group_bundles is None  # gateways are placed one by one
 
 
 def test_unknown_key_is_refused_by_name():

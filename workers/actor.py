@@ -33,9 +33,7 @@ def _serve_grpc(worker: ExpertWorker) -> None:
 
 
 def _serve_collective(worker: ExpertWorker) -> None:
-    from .collective import CollectiveWorker
-
-    worker.collective = CollectiveWorker(worker.shard)
+    pass  # each gateway's group is joined by its own run_collective() call
 
 
 # how a worker is reached, per transport: started once its shard is loaded
@@ -65,7 +63,8 @@ class ExpertWorker:
             self.bytes_read = reader.bytes_read
         self.host = ray.util.get_node_ip_address()
         self.address: str | None = None  # grpc: where its server listens
-        self.collective = None  # collective: the loop that run_collective() drives
+        # collective: one group per gateway (M gateways share this worker), by master address
+        self.groups: dict[str, object] = {}
         SERVERS[transport](self)
         log.info(
             "worker %d ready: %d experts, %d bytes, %s",
@@ -93,10 +92,18 @@ class ExpertWorker:
     def run_collective(
         self, master_addr: str, master_port: int, rank: int, world: int, backend: str
     ) -> str:
-        """Join the gateway's process group and serve exchanges until shutdown or breakage.
+        """Join a gateway's process group and serve its exchanges until shutdown or breakage.
 
         A long-running call: its result fails as soon as this process dies, which is how the
-        gateway learns of a death without waiting for a socket timeout.
+        gateway learns of a death without waiting for a socket timeout. Each gateway sharing
+        this worker has its own group and its own such call (a thread of this actor).
         """
-        self.collective.join(master_addr, master_port, rank, world, backend=backend)
-        return self.collective.serve()
+        from .collective import CollectiveWorker
+
+        key = f"{master_addr}:{master_port}"
+        worker = self.groups[key] = CollectiveWorker(self.shard)
+        try:
+            worker.join(master_addr, master_port, rank, world, backend=backend)
+            return worker.serve()
+        finally:
+            self.groups.pop(key, None)

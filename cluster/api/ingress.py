@@ -25,8 +25,9 @@ from .admission import Admission
 from .http_app import app, json_body, num_prompts, page_file, retry_headers
 from .images import RequestImages
 from .metrics import Metrics
-from .multiplex import Choice, Mux, merged
+from .multiplex import Choice, GatewayMux, detached, merged
 from .ratelimit import load_keys
+from .routing import known_replicas
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 0.9  # /health answers within a second, whatever the gateway is doing
@@ -34,10 +35,10 @@ HEALTH_TIMEOUT_S = 0.9  # /health answers within a second, whatever the gateway 
 
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, gateway, limiter, args: dict, model_path: str, model_name: str):
-        self.gateway = gateway
-        self.mux = Mux(gateway)
+    def __init__(self, gateway, pool, limiter, args: dict, model_path: str, model_name: str):
+        self.gateway, self.pool = gateway, pool  # pool: the shared expert workers, if any
         self.args = ServeArgs.model_validate(args)
+        self.mux = GatewayMux(gateway, self.args.gateway_timeout_s)
         self.keys = load_keys(self.args.api_keys, self.args.api_keys_file)
         limited = any(lim.rpm or lim.tpm for lim in self.keys.values())
         self.admission = Admission(self.args, limiter if limited else None)
@@ -75,9 +76,12 @@ class Ingress:
         if model not in self.names:
             raise op.model_not_found(model)
 
+    async def _model_info(self) -> dict:
+        return await self.gateway.model_info.remote()
+
     async def _context(self) -> int:
         if self.max_model_len is None:
-            info = await self.gateway.model_info.remote()
+            info = await detached(self._model_info())
             self.max_model_len = info["max_model_len"]
         return self.max_model_len
 
@@ -87,7 +91,6 @@ class Ingress:
         eos = self.model_cfg.eos_token_ids
         return [
             Choice(
-                self.gateway,
                 self.mux,
                 prompt,
                 op.sampling_params(req, i, self.args.default_max_tokens),
@@ -132,18 +135,51 @@ class Ingress:
 
     @app.get("/health")
     async def health(self):
-        """200 when the engine runs and every worker answers; else 503 with the reason, within
-        a second (a gateway that is deploying or restarting does not answer in time)."""
-        try:
-            h = await asyncio.wait_for(self.gateway.health.remote(), HEALTH_TIMEOUT_S)
-        except Exception as e:
-            reason = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
-            h = {"ready": False, "gateway": f"not answering ({reason}): starting or restarting"}
+        """200 when some gateway can serve (its engine runs, every worker answers); else 503
+        with the reason; within a second either way (a gateway that is deploying or
+        restarting does not answer in time). Reports each gateway and each worker."""
+        h = await self._health()
         if h["ready"]:
             return {"status": "ok", **h}
         down = [k for k in ("engine", "workers") if h.get(k) is False] or ["gateway"]
         e = op.APIError(503, f"not ready: {', '.join(down)} down: {h}", "service_unavailable")
         return JSONResponse(e.body(), status_code=503, headers=retry_headers(e))
+
+    async def _health(self) -> dict:
+        async def gateway(replica: str | None) -> dict:
+            handle = self.gateway if replica is None else self.gateway.options(session_id=replica)
+            try:
+                h = await asyncio.wait_for(handle.health.remote(), HEALTH_TIMEOUT_S)
+                return {"replica": replica, **h}
+            except Exception as e:
+                reason = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
+                return {"replica": replica, "ready": False, "error": f"not answering ({reason})"}
+
+        async def workers() -> dict | None:
+            if self.pool is None:
+                return None
+            try:
+                return await asyncio.wait_for(self.pool.health.remote(), HEALTH_TIMEOUT_S)
+            except Exception as e:
+                return {"strategy": None, "workers": [], "error": type(e).__name__}
+
+        replicas = sorted(known_replicas()) or [None]  # None: whichever answers (at start)
+        gateways = await asyncio.gather(*(detached(gateway(r)) for r in replicas))
+        pool = await detached(workers())
+        ready = [g for g in gateways if g["ready"]]
+        best = ready[0] if ready else next((g for g in gateways if "engine" in g), {})
+        h = {
+            "ready": bool(ready),
+            "engine": best.get("engine", False),
+            "workers": best.get("workers", False),
+            "strategy": pool["strategy"] if pool else best.get("strategy"),
+            "gateways": list(gateways),
+        }
+        if pool is not None:
+            h["expert_workers"] = pool["workers"]
+        if not gateways or all("engine" not in g for g in gateways):
+            h["gateway"] = "not answering: starting or restarting"
+        return h
 
     @app.get("/", include_in_schema=False)
     async def page(self):
@@ -189,9 +225,31 @@ class Ingress:
     @app.get("/metrics")
     async def prometheus(self, request: Request):
         self._auth(request)
-        stats = await self.gateway.stats.remote()
-        counts = await self.gateway.expert_counts.remote()
+        stats, counts = await self._gateway_stats()
         return Response(self.metrics.render(stats, counts), media_type="text/plain; version=0.0.4")
+
+    async def _gateway_stats(self) -> tuple[dict, dict]:
+        """Running and waiting requests and expert counts, summed over the gateway replicas."""
+        replicas = sorted(known_replicas()) or [None]
+
+        async def one(replica):
+            h = self.gateway if replica is None else self.gateway.options(session_id=replica)
+            try:
+                return await h.stats.remote(), await h.expert_counts.remote()
+            except Exception:
+                return None
+
+        answers = [a for a in await asyncio.gather(*(detached(one(r)) for r in replicas)) if a]
+        if not answers:
+            raise op.APIError(503, "no gateway answered", "service_unavailable")
+        stats = {k: sum(a[0][k] for a in answers) for k in ("running", "waiting")}
+        stats["gateways"] = len(answers)
+        counts = answers[0][1]
+        for _, c in answers[1:]:
+            counts["counts"] = [
+                [x + y for x, y in zip(r1, r2)] for r1, r2 in zip(counts["counts"], c["counts"])
+            ]
+        return stats, counts
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):

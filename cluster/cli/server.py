@@ -15,6 +15,7 @@ import ray
 from ray import serve
 
 from ..api.app import build_app
+from ..api.routing import known_replicas
 from ..config import ServeArgs
 from ..runtime.launch import start_ray
 
@@ -70,7 +71,11 @@ def _drain(timeout_s: float = 2.0) -> None:
     """End in-flight requests with an error event, so that each open stream says why it ends."""
     try:
         gateway = serve.get_deployment_handle("Gateway", app_name=APP)
-        gateway.drain.remote("the server is shutting down").result(timeout_s=timeout_s)
+        message = "the server is shutting down"
+        gateway.drain.remote(message).result(timeout_s=timeout_s)  # one; and now we know all
+        calls = [gateway.options(session_id=r).drain.remote(message) for r in known_replicas()]
+        for call in calls:
+            call.result(timeout_s=timeout_s)
         time.sleep(0.3)  # the error events reach the clients
     except Exception as e:  # not deployed yet, or already gone
         log.info("no gateway to drain: %s", e)

@@ -1,9 +1,12 @@
 """The gateway: attention, routing and the engine loop of one model replica.
 
 A plain class, run as a Ray actor (`expertmesh generate --transport grpc`) or as a Ray Serve
-deployment. It starts its expert workers through the link of its transport (in the bundles of
-its placement group), loads the non-expert weights itself, and streams events from the engine
-thread to channels: one per ingress replica (see `protocol.GatewayAPI`).
+deployment (`ServedGateway`). Alone, it starts its expert workers through the link of its
+transport (in the bundles of its placement group); as one of several replicas it reaches the
+workers of a shared pool (`pool.ExpertPool`). It loads the non-expert weights itself, and
+streams events from the engine thread to channels: one per ingress replica (see
+`protocol.GatewayAPI`). A channel says it is alive (an empty batch) when it has had nothing
+to say for a while, so the ingress can tell a hung gateway from an idle one.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from expertmesh.router.sampling import SamplingParams
 
 from ..config import ClusterConfig
 from .links import make_link
+from .pool import PooledWorkers
 from .protocol import Health, ModelInfo
-from .resources import gpus_per_actor
+from .resources import gpus_per_actor, placement_strategy
+from .workerset import Workers
 
 log = logging.getLogger(__name__)
+HEARTBEAT_S = 1.0  # an idle channel sends an empty batch this often
 
 
 class _Channel:
@@ -42,7 +48,13 @@ class _Channel:
 
 
 class Gateway:
-    def __init__(self, cfg: ClusterConfig | dict):
+    replica_id = "gateway"  # which replica this is (ServedGateway: Serve's replica id)
+
+    def __init__(
+        self, cfg: ClusterConfig | dict, workers: Workers | None = None, gateways: int = 1
+    ):
+        """workers: a pool shared with other gateways (else this one starts its own);
+        gateways: how many gateway replicas share them at most (to divide the GPUs)."""
         cfg = ClusterConfig.model_validate(cfg)
         self.cfg = cfg
         torch.set_num_threads(cfg.gateway_threads)
@@ -51,7 +63,7 @@ class Gateway:
         placement = cfg.placement(self.model_cfg)
         engine_cfg = cfg.engine_config(self.device)
         dtype = engine_cfg.torch_dtype(self.model_cfg)
-        self.link = make_link(cfg, placement, gpus_per_actor(cfg))
+        self.link = make_link(cfg, placement, gpus_per_actor(cfg, gateways), workers)
         self.link.start()  # workers load their shards meanwhile
         with CheckpointReader(cfg.model) as reader:
             model = GatewayModel.load(reader, self.model_cfg, dtype, self.device)
@@ -60,6 +72,7 @@ class Gateway:
         self.loop = EngineLoop(LLMEngine(model, dispatcher, self.model_cfg, engine_cfg, images))
         self._probe: tuple[float, bool] = (0.0, True)  # (when, workers answered)
         self._channels: dict[str, _Channel] = {}
+        self._done: dict[str, asyncio.Event] = {}  # request id -> set when its last event is out
         self._draining: str | None = None  # why new requests are refused, once draining
         log.info("gateway ready: %s transport, %d workers", cfg.transport, placement.num_shards)
 
@@ -72,23 +85,59 @@ class Gateway:
         request_id: str,
         channel_id: str,
         images: ImageInputs | list | None = None,
+        resume_ids: list[int] = (),
     ) -> TokenEvent | None:
         """Queue a request whose events go to `channel_id`; an error event if it is refused.
-        images (VL): one per image placeholder in the prompt, preprocessed or PIL."""
+        images (VL): one per image placeholder in the prompt, preprocessed or PIL.
+        resume_ids: output tokens it already has (it moved here from a gateway that failed)."""
         refusal = await self._refusal(request_id)
         if refusal is not None:
             return refusal
         ch = self._channel(channel_id)
         ch.rids.add(request_id)
+        done = self._done[request_id] = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def deliver(ev: TokenEvent) -> None:  # on this event loop
+            ch.queue.put_nowait(ev)
+            if ev.finish_reason is not None:
+                done.set()
+
         self.loop.submit(
             request_id,
             prompt_ids,
             params,
-            lambda ev: loop.call_soon_threadsafe(ch.queue.put_nowait, ev),
+            lambda ev: loop.call_soon_threadsafe(deliver, ev),
             images=images,
+            resume_ids=resume_ids,
         )
         return None
+
+    async def run(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        channel_id: str,
+        images: ImageInputs | list | None = None,
+        resume_ids: list[int] = (),
+    ) -> AsyncIterator[dict]:
+        """`submit` as a call that lasts as long as the request: first
+        {"replica": this replica's id, "refusal": an error event or None}, then nothing until
+        the request ends. Its events travel on the channel; what this call adds is that the
+        gateway holds one ongoing call per running request, which is the load that Serve's
+        routing and autoscaling see. Cancelling it aborts the request."""
+        refusal = await self.submit(prompt_ids, params, request_id, channel_id, images, resume_ids)
+        yield {"replica": self.replica_id, "refusal": refusal}
+        if refusal is not None:
+            return
+        done = self._done[request_id]
+        try:
+            await done.wait()
+        finally:
+            if not done.is_set():
+                self.loop.abort(request_id)
+            self._done.pop(request_id, None)
 
     def _channel(self, channel_id: str) -> _Channel:
         return self._channels.setdefault(channel_id, _Channel())
@@ -102,7 +151,11 @@ class Gateway:
         ch = self._channel(channel_id)
         try:
             while True:
-                batch = [await ch.queue.get()]
+                try:
+                    batch = [await asyncio.wait_for(ch.queue.get(), HEARTBEAT_S)]
+                except TimeoutError:
+                    yield []  # alive, nothing to say
+                    continue
                 while not ch.queue.empty():
                     batch.append(ch.queue.get_nowait())
                 for ev in batch:
@@ -133,7 +186,7 @@ class Gateway:
         stream = self.channel(channel_id)
         try:
             while open_:
-                for ev in await anext(stream):
+                for ev in await anext(stream):  # (an empty batch is a heartbeat)
                     events[ev.request_id].append(ev)
                     if ev.finish_reason is not None:
                         open_.discard(ev.request_id)
@@ -184,12 +237,15 @@ class Gateway:
                 workers_ok = False
         alive = self.loop.alive
         return Health(
-            ready=alive and workers_ok, engine=alive, workers=workers_ok, strategy=_strategy()
+            ready=alive and workers_ok,
+            engine=alive,
+            workers=workers_ok,
+            strategy=placement_strategy(),
         )
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict:
         running, waiting = self.loop.counts()
-        return {"running": running, "waiting": waiting}
+        return {"replica": self.replica_id, "running": running, "waiting": waiting}
 
     def expert_counts(self) -> dict:
         """Tokens routed to each expert: {"layers": [layer ids], "counts": [[per expert]]}."""
@@ -227,9 +283,16 @@ class Gateway:
         self.link.close()
 
 
-def _strategy() -> str | None:
-    """The strategy of the placement group this process was placed in, if any."""
-    pg = ray.util.get_current_placement_group()
-    if pg is None:
-        return None
-    return ray.util.placement_group_table(pg).get("strategy")
+class ServedGateway(Gateway):
+    """The gateway as a Ray Serve deployment replica; with `pool`, one of several sharing it.
+
+    Its constructor runs on a thread, off Serve's event loop: it loads weights for a while, and
+    it asks the pool (a deployment handle, whose blocking calls refuse to run on an event loop)
+    for the shared workers."""
+
+    async def __init__(self, cfg: ClusterConfig | dict, pool=None, gateways: int = 1):
+        from ray import serve
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        workers = PooledWorkers(pool) if pool is not None else None
+        await asyncio.to_thread(super().__init__, cfg, workers, gateways)

@@ -28,6 +28,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # do that); setting it here covers the processes Ray spawns.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
+        address="local",  # a new instance, even if another Ray runs on this machine
         num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 1)),
         include_dashboard=False,
         log_to_driver=True,

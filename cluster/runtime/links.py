@@ -21,7 +21,7 @@ from expertmesh.workers.placement import ExpertPlacement
 
 from ..config import ClusterConfig
 from .resources import free_port
-from .workerset import WorkerSet
+from .workerset import Workers, WorkerSet
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,23 @@ log = logging.getLogger(__name__)
 class Link(ABC):
     """One gateway's connection to its experts."""
 
-    def __init__(self, cfg: ClusterConfig, placement: ExpertPlacement, gpus_per_worker: float):
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        placement: ExpertPlacement,
+        gpus_per_worker: float,
+        workers: Workers | None = None,
+    ):
         self.cfg, self.placement = cfg, placement
         self.gpus_per_worker = gpus_per_worker
-        self.workers: WorkerSet | None = None
+        self.workers: Workers | None = workers  # given: a pool shared with other gateways
         self.dispatcher: Dispatcher | None = None
 
     def start(self) -> None:
-        """Create the workers; they load their shards while the gateway loads its own weights."""
-        self.workers = WorkerSet(self.cfg, self.placement, self.gpus_per_worker)
+        """Create the workers, unless a shared pool was given; they load their shards while
+        the gateway loads its own weights."""
+        if self.workers is None:
+            self.workers = WorkerSet(self.cfg, self.placement, self.gpus_per_worker)
 
     def connect(self, model_cfg: ModelConfig, dtype: torch.dtype, device: str) -> Dispatcher:
         """Wait for the workers, then the dispatcher that reaches them (recovering on failure)."""
@@ -139,5 +147,10 @@ class CollectiveLink(Link):
 LINKS: dict[str, type[Link]] = {"local": LocalLink, "grpc": GrpcLink, "collective": CollectiveLink}
 
 
-def make_link(cfg: ClusterConfig, placement: ExpertPlacement, gpus_per_worker: float) -> Link:
-    return LINKS[cfg.transport](cfg, placement, gpus_per_worker)
+def make_link(
+    cfg: ClusterConfig,
+    placement: ExpertPlacement,
+    gpus_per_worker: float,
+    workers: Workers | None = None,
+) -> Link:
+    return LINKS[cfg.transport](cfg, placement, gpus_per_worker, workers)

@@ -23,7 +23,50 @@ from ..config import ClusterConfig
 log = logging.getLogger(__name__)
 
 
-class WorkerSet:
+class Workers:
+    """What a gateway's link needs of its expert workers, whoever owns them: their actors and
+    `ready()` infos, their collective loops, and waiting for restarted ones."""
+
+    actors: list
+    infos: list[dict]
+    _loops: list  # collective: each worker's long-running serve call for this gateway
+
+    def wait_ready(self) -> list[dict]:
+        raise NotImplementedError
+
+    def await_restarts(self, workers: set[int]) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        pass
+
+    # -- collective loops ---------------------------------------------------------------------
+
+    def start_loops(self, host: str, port: int, backend: str) -> None:
+        """Have every worker join the collective group hosted at host:port (a long-running call)."""
+        world = len(self.actors) + 1
+        self._loops = [
+            a.run_collective.remote(host, port, i + 1, world, backend)
+            for i, a in enumerate(self.actors)
+        ]
+
+    def dead_loops(self) -> set[int]:
+        """Workers whose collective loop failed: a death shows here at once. A loop that
+        returned (the group broke under it) belongs to a survivor, not a dead worker."""
+        done, _ = ray.wait(self._loops, num_returns=len(self._loops), timeout=0)
+        dead = set()
+        for ref in done:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:
+                dead.add(self._loops.index(ref))
+        return dead
+
+
+class WorkerSet(Workers):
+    """Expert workers created here, in the bundles after the first of the current placement
+    group: a gateway's own (one gateway), or the shared pool's (`pool.ExpertPool`)."""
+
     probe_s = 3.0  # a worker that cannot answer ready() this fast during recovery counts as hung
 
     def __init__(self, cfg: ClusterConfig, placement: ExpertPlacement, gpus_per_worker: float = 0):
@@ -32,7 +75,7 @@ class WorkerSet:
         self.pg = ray.util.get_current_placement_group()
         self.actors = [self._create(i) for i in range(placement.num_shards)]
         self.infos: list[dict] = []
-        self._loops: list = []  # collective: each worker's long-running serve call
+        self._loops: list = []
 
     def _create(self, i: int):
         opts = dict(
@@ -40,7 +83,7 @@ class WorkerSet:
             num_gpus=self.gpus_per_worker,
             max_restarts=self.cfg.max_worker_restarts,
             max_task_retries=0,
-            max_concurrency=4,  # ready() answers while a collective loop runs
+            max_concurrency=64,  # ready() answers while each gateway's collective loop runs
             name=None,
         )
         if self.pg is not None:
@@ -66,35 +109,18 @@ class WorkerSet:
             log.info("worker %(index)d up: pid %(pid)d, %(nbytes)d bytes, %(address)s", info)
         return self.infos
 
-    # -- collective loops ---------------------------------------------------------------------
-
-    def start_loops(self, host: str, port: int, backend: str) -> None:
-        """Have every worker join the collective group hosted at host:port (a long-running call)."""
-        world = len(self.actors) + 1
-        self._loops = [
-            a.run_collective.remote(host, port, i + 1, world, backend)
-            for i, a in enumerate(self.actors)
-        ]
-
-    def dead_loops(self) -> set[int]:
-        """Workers whose collective loop failed: a death shows here at once. A loop that
-        returned (the group broke under it) belongs to a survivor, not a dead worker."""
-        done, _ = ray.wait(self._loops, num_returns=len(self._loops), timeout=0)
-        dead = set()
-        for ref in done:
-            try:
-                ray.get(ref, timeout=0)
-            except Exception:
-                dead.add(self._loops.index(ref))
-        return dead
-
     # -- recovery ---------------------------------------------------------------------------
 
-    def await_restarts(self, workers: set[int]) -> None:
-        """Block until each of `workers` is a new incarnation, or raise WorkerUnavailable."""
+    def await_restarts(self, workers: set[int], seen_pids: dict[int, int] | None = None) -> None:
+        """Block until each of `workers` is a new incarnation, or raise WorkerUnavailable.
+
+        seen_pids: the pid each caller saw fail; a worker already past that incarnation (another
+        gateway of the pool waited for its restart first) is not restarted again."""
         deadline = time.monotonic() + self.cfg.restart_timeout_s
         for w in sorted(workers):
-            self._await_restart(w, deadline)
+            seen = (seen_pids or {}).get(w, self.infos[w]["pid"])
+            if seen == self.infos[w]["pid"]:
+                self._await_restart(w, deadline)
 
     def _await_restart(self, w: int, deadline: float) -> None:
         """Wait for a new incarnation of worker w. One that is still alive (it answers with its
