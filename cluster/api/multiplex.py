@@ -33,7 +33,7 @@ from expertmesh.router.events import ErrorKind, TokenEvent, error_event
 from expertmesh.router.sampling import SamplingParams
 
 from . import openai_protocol as op
-from .routing import known_replicas, suspect
+from .routing import known_replicas, suspect, suspected
 from .textstream import Delta, TextStream
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ class Track:
     finished: bool = False
     moves: int = 0  # failovers so far
     call: object = None  # the open `run` call on its gateway
+    # events that came before the gateway's answer said which replica took the request
+    early: dict[str, list[TokenEvent]] = dataclasses.field(default_factory=dict)
 
 
 class GatewayMux:
@@ -101,8 +103,20 @@ class GatewayMux:
             track.queue.put_nowait(refusal)
         return track
 
-    async def _submit(self, track: Track) -> TokenEvent | None:
-        """Hand `track` to a gateway (least loaded, not suspected); an error event if refused."""
+    async def _submit(self, track: Track, attempts: int = 3) -> TokenEvent | None:
+        """Hand `track` to a gateway (least loaded, not suspected); an error event if refused.
+        A gateway that fails to answer (it died or hung meanwhile) gets the next attempt
+        routed elsewhere: by then Serve has dropped a dead replica, the watchdog a hung one."""
+        for attempt in range(attempts):
+            answered, refusal = await self._submit_once(track)
+            if answered:
+                return refusal
+            if attempt + 1 < attempts:
+                await asyncio.sleep(0.5 * (attempt + 1))
+        return refusal
+
+    async def _submit_once(self, track: Track) -> tuple[bool, TokenEvent | None]:
+        """(whether a gateway answered, its refusal or None)."""
         call = self.gateway.options(stream=True).run.remote(
             track.prompt,
             track.params,
@@ -120,13 +134,15 @@ class GatewayMux:
             call.cancel()
             reason = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
             log.warning("submitting %s failed: %s", track.request_id, reason)
-            return error_event(
-                track.request_id, ErrorKind.UNAVAILABLE, "no gateway answered; retry shortly"
-            )
+            message = "no gateway answered; retry shortly"
+            return False, error_event(track.request_id, ErrorKind.UNAVAILABLE, message)
         if first["refusal"] is None:
             track.replica, track.call = first["replica"], call
+            early, track.early = track.early.get(track.replica, []), {}
+            for ev in early:
+                self._deliver(track.replica, ev)
             self._ensure_pump(first["replica"])
-        return first["refusal"]
+        return True, first["refusal"]
 
     def close(self, request_id: str) -> None:
         track = self.tracks.pop(request_id, None)
@@ -188,7 +204,12 @@ class GatewayMux:
 
     def _deliver(self, replica: str, ev: TokenEvent) -> None:
         track = self.tracks.get(ev.request_id)
-        if track is None or track.replica != replica:  # gone, or moved to another gateway
+        if track is None:  # gone
+            return
+        if track.replica is None:  # being submitted: which replica took it is not known yet
+            track.early.setdefault(replica, []).append(ev)
+            return
+        if track.replica != replica:  # moved to another gateway
             return
         if ev.token_id is not None:
             track.received.append(ev.token_id)
@@ -203,7 +224,8 @@ class GatewayMux:
             await asyncio.sleep(WATCH_S)
             try:
                 for replica in known_replicas():
-                    self._ensure_pump(replica)
+                    if not suspected(replica):
+                        self._ensure_pump(replica)
                 now = time.monotonic()
                 for replica, task in list(self._pumps.items()):
                     if not task.done() and now - self._seen[replica] > self.timeout_s:
@@ -224,7 +246,7 @@ class GatewayMux:
         await asyncio.gather(*(self._move(t) for t in moving))
 
     async def _move(self, track: Track) -> None:
-        old, track.replica = track.replica, None
+        old, track.replica, track.early = track.replica, None, {}
         if track.call is not None:
             track.call.cancel()
             track.call = None

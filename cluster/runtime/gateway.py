@@ -73,6 +73,7 @@ class Gateway:
         self._probe: tuple[float, bool] = (0.0, True)  # (when, workers answered)
         self._channels: dict[str, _Channel] = {}
         self._done: dict[str, asyncio.Event] = {}  # request id -> set when its last event is out
+        self._taken = 0  # requests accepted since start
         self._draining: str | None = None  # why new requests are refused, once draining
         log.info("gateway ready: %s transport, %d workers", cfg.transport, placement.num_shards)
 
@@ -95,6 +96,7 @@ class Gateway:
             return refusal
         ch = self._channel(channel_id)
         ch.rids.add(request_id)
+        self._taken += 1
         done = self._done[request_id] = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -241,6 +243,7 @@ class Gateway:
             engine=alive,
             workers=workers_ok,
             strategy=placement_strategy(),
+            requests=self._taken,
         )
 
     def stats(self) -> dict:

@@ -1,8 +1,9 @@
 """The typed boundary between the HTTP ingress and a gateway: the calls the ingress may make.
 
-Requests are submitted to a channel; each ingress replica holds one channel, a long-lived
-stream that carries the `TokenEvent`s of all of its requests, a step's worth per item. Errors
-travel as events with an `ErrorKind`; the ingress maps kinds to HTTP statuses.
+Requests are submitted to a channel; each ingress replica holds one channel per gateway
+replica, a long-lived stream that carries the `TokenEvent`s of all of its requests there, a
+step's worth per item. Errors travel as events with an `ErrorKind`; the ingress maps kinds to
+HTTP statuses.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Health(TypedDict):
     engine: bool
     workers: bool
     strategy: str | None  # the placement group's strategy, as Ray placed it
+    requests: int  # requests this gateway has accepted since it started
 
 
 class ModelInfo(TypedDict):
@@ -39,8 +41,22 @@ class GatewayAPI(Protocol):
         """Queue a request whose events go to `channel_id`; an error event if it is refused.
         images (VL): preprocessed, one per image placeholder of the prompt, in order."""
 
+    def run(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        channel_id: str,
+        images: ImageInputs | None = None,
+        resume_ids: list[int] = (),
+    ) -> AsyncIterator[dict]:
+        """`submit` as a call held open while the request runs (the load Serve sees): first
+        {"replica": id, "refusal": event or None}. resume_ids: output tokens it already has
+        (it moves here from a gateway that failed). Cancelling it aborts the request."""
+
     def channel(self, channel_id: str) -> AsyncIterator[list[TokenEvent]]:
-        """The events of every request submitted to `channel_id`, a batch per item."""
+        """The events of every request submitted to `channel_id`, a batch per item; an empty
+        batch when there has been nothing to send for a second (the gateway is alive)."""
 
     def abort(self, request_id: str) -> None: ...
 
@@ -49,8 +65,8 @@ class GatewayAPI(Protocol):
 
     async def health(self) -> Health: ...
 
-    def stats(self) -> dict[str, int]:
-        """{"running": n, "waiting": n}"""
+    def stats(self) -> dict:
+        """{"replica": id, "running": n, "waiting": n}"""
 
     def expert_counts(self) -> dict:
         """Tokens routed to each expert: {"layers": [layer ids], "counts": [[per expert]]}."""
