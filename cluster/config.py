@@ -16,7 +16,7 @@ from typing import Literal
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.router.engine import EngineConfig
 from expertmesh.workers.placement import ExpertPlacement
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class ClusterConfig(BaseModel):
@@ -112,6 +112,19 @@ class ServeArgs(ClusterConfig):
         "workers; auto: Serve scales them between --min-gateways and --max-gateways on load",
     )
     min_gateways: int = Field(1, ge=1, description="gateway replicas at least (--gateways auto)")
+
+    @field_validator("max_gateways")
+    @classmethod
+    def _at_least_min(cls, v: int, info: ValidationInfo) -> int:
+        if v < info.data.get("min_gateways", 1):
+            raise ValueError("max_gateways must be at least min_gateways")
+        return v
+
+    @field_validator("gateways", mode="before")
+    @classmethod
+    def _gateways_as_text(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
     max_gateways: int = Field(4, ge=1, description="gateway replicas at most (--gateways auto)")
     target_gateway_requests: int = Field(
         32, ge=1, description="autoscaling target: ongoing requests per gateway replica"

@@ -193,6 +193,9 @@ def test_serve_config_names_real_code_and_args():
         "cuda",
     )
     assert parsed.min_replicas <= parsed.max_replicas
+    gateway_keys = {"gateways", "min_gateways", "max_gateways", "target_gateway_requests"}
+    assert gateway_keys | {"gateway_timeout_s"} <= set(args), "the multi-gateway keys are shown"
+    assert parsed.min_gateways <= parsed.max_gateways
 
 
 def test_serve_port_agrees():
@@ -261,9 +264,12 @@ def test_head_takes_no_work_and_serves_the_dashboard():
     assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
 
 
-def test_a_gpu_pod_holds_a_gateway_and_its_workers():
-    args = the_app(serve_config())["args"]
-    needed = args["workers"] + 1  # one GPU for the gateway and one per expert worker
+def test_a_gpu_pod_holds_the_gateways_and_their_workers():
+    from expertmesh.cluster.config import ServeArgs
+
+    args = ServeArgs.model_validate(the_app(serve_config())["args"])
+    gateways = args.max_gateways if args.gateways == "auto" else int(args.gateways)
+    needed = args.workers + gateways  # one GPU for each gateway and each expert worker
     m = manifest()
     images = {c["image"] for c in containers(m)}
     assert len(images) == 1, images

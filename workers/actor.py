@@ -15,6 +15,7 @@ from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.ernie.devices import compute_dtype, resolve_device
 
+from .combine import Combiner
 from .experts import ExpertShard
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,9 @@ def rss_bytes() -> int:
 def _serve_grpc(worker: ExpertWorker) -> None:
     from .grpc_server import start_expert_server
 
-    worker.server, port = start_expert_server(worker.shard, worker.index, host=worker.host)
+    worker.server, port = start_expert_server(
+        worker.shard, worker.index, host=worker.host, combiner=worker.combiner
+    )
     worker.address = f"{worker.host}:{port}"
 
 
@@ -61,6 +64,8 @@ class ExpertWorker:
                 reader, cfg, experts, torch_dtype, self.device, progress=f"worker {index}"
             )
             self.bytes_read = reader.bytes_read
+        # every exchange, from any gateway, computes through it (and is counted there)
+        self.combiner = Combiner(self.shard)
         self.host = ray.util.get_node_ip_address()
         self.address: str | None = None  # grpc: where its server listens
         # collective: one group per gateway (M gateways share this worker), by master address
@@ -87,6 +92,7 @@ class ExpertWorker:
             "bytes_read": self.bytes_read,
             "rss_before_load": self.rss_before_load,
             "rss": rss_bytes(),
+            **self.combiner.stats.snapshot(),  # exchanges served, computations, rows
         }
 
     def run_collective(
@@ -101,7 +107,7 @@ class ExpertWorker:
         from .collective import CollectiveWorker
 
         key = f"{master_addr}:{master_port}"
-        worker = self.groups[key] = CollectiveWorker(self.shard)
+        worker = self.groups[key] = CollectiveWorker(self.shard, self.combiner)
         try:
             worker.join(master_addr, master_port, rank, world, backend=backend)
             return worker.serve()

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from expertmesh.ernie.devices import dtype_of_code
 
+from .combine import Combiner
 from .experts import ExpertShard
 
 log = logging.getLogger(__name__)
@@ -231,8 +232,9 @@ class CollectiveWorker:
     fine: no signal handlers). `stop()` from another thread makes it return promptly.
     """
 
-    def __init__(self, shard: ExpertShard):
+    def __init__(self, shard: ExpertShard, combiner: Combiner | None = None):
         self.shard = shard
+        self.combiner = combiner or Combiner(shard)  # other gateways' groups: computed together
         self.timeout_s = 30.0  # for rows and results once a header has arrived
         self.group: Group | None = None
         self._stop = threading.Event()
@@ -335,4 +337,4 @@ class CollectiveWorker:
             return x
         dev = self._compute_device
         with torch.inference_mode():
-            return self.shard.forward(layer, x.to(dev), ids.to(dev), weights.to(dev))
+            return self.combiner.forward(layer, x.to(dev), ids.to(dev), weights.to(dev))

@@ -10,6 +10,7 @@ import grpc
 import torch
 from expertmesh.proto import expert_pb2, expert_pb2_grpc
 
+from .combine import Combiner
 from .experts import ExpertShard
 from .wire import SERVER_OPTIONS, tensor_from_proto, tensor_to_proto
 
@@ -19,9 +20,10 @@ log = logging.getLogger(__name__)
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     """Runs the shard's grouped expert FFN on the rows each Forward call brings."""
 
-    def __init__(self, shard: ExpertShard, shard_index: int):
+    def __init__(self, shard: ExpertShard, shard_index: int, combiner: Combiner | None = None):
         self.shard = shard
         self.shard_index = shard_index
+        self.combiner = combiner or Combiner(shard)  # concurrent calls: computed together
 
     def Forward(self, request: expert_pb2.ForwardRequest, context) -> expert_pb2.ForwardReply:
         if request.layer not in self.shard.weights:
@@ -33,7 +35,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         with torch.inference_mode():
-            y = self.shard.forward(request.layer, x, ids, weights)  # [n, H]
+            y = self.combiner.forward(request.layer, x, ids, weights)  # [n, H]
         return expert_pb2.ForwardReply(y=tensor_to_proto(y))
 
     def Info(self, request: expert_pb2.InfoRequest, context) -> expert_pb2.InfoReply:
@@ -51,6 +53,7 @@ def start_expert_server(
     host: str = "127.0.0.1",
     port: int = 0,
     max_workers: int = 4,
+    combiner: Combiner | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve `shard` on host:port (0 picks a free port); returns the started server and its port.
 
@@ -59,7 +62,9 @@ def start_expert_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS
     )
-    expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(shard, shard_index), server)
+    expert_pb2_grpc.add_ExpertServiceServicer_to_server(
+        ExpertServicer(shard, shard_index, combiner), server
+    )
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_insecure_port(bind)
     if bound == 0:

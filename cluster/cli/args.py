@@ -173,6 +173,8 @@ def add_args(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
                 kw["type"] = inner
         elif kind in (int, float, str):
             kw["type"] = kind
+        if "nargs" in extra:  # e.g. "*" for a positional list that may be empty
+            kw["nargs"] = extra["nargs"]
         if extra.get("positional"):
             parser.add_argument(name, **kw)
             continue

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
+import httpx
 import numpy as np
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
@@ -56,6 +57,9 @@ class BenchServeArgs(BaseModel):
     workers: int = Field(2, ge=1, description="expert workers of the server started here")
     transport: Literal["grpc", "collective", "local"] = Field(
         "grpc", description="transport of the server started here"
+    )
+    gateways: str = Field(
+        "1", pattern=r"^(auto|[1-9][0-9]*)$", description="gateways of the server started here"
     )
     endpoint: Literal["chat", "completions"] = Field(
         "chat", description="/v1/chat/completions or /v1/completions"
@@ -418,6 +422,27 @@ def _ray_nodes(a: BenchServeArgs) -> tuple[int, bool]:
     return sum(1 for n in ray.nodes() if n["Alive"]), started
 
 
+def worker_exchanges(url: str) -> tuple[int, int, int] | None:
+    """(exchanges, expert computations, rows) the server's expert workers have served so far,
+    from /health; None when it has no workers (in-process experts) or does not say."""
+    try:
+        workers = httpx.get(url + "/health", timeout=10).json().get("expert_workers")
+    except (httpx.HTTPError, ValueError):
+        return None
+    if not workers or any("batches" not in w for w in workers):
+        return None
+    return tuple(sum(w[k] for w in workers) for k in ("exchanges", "batches", "rows"))
+
+
+def rows_per_exchange(before, after) -> dict | None:
+    """The workers' batch over a level: token rows per expert computation, and exchanges per
+    computation (above 1: concurrent exchanges, from several gateways, computed together)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    exchanges, batches, rows = (a - b for a, b in zip(after, before))
+    return {"rows_per_batch": rows / batches, "exchanges_per_batch": exchanges / batches}
+
+
 def run_levels(a: BenchServeArgs, url: str, label: str) -> dict:
     model, words = asyncio.run(_models_and_words(a, url))
     args = a.model_dump(exclude={"api_key", "compare"})  # no secret in the output
@@ -434,7 +459,9 @@ def run_levels(a: BenchServeArgs, url: str, label: str) -> dict:
             spec |= {"endpoint": a.endpoint, "model": model, "words": words, "first": 0}
             spec |= {"streams": c, "requests": a.requests, "max_tokens": a.max_tokens}
             spec |= {"images": a.images, "image_size": a.image_size}
+            before = worker_exchanges(url)
             level = _ray_level(spec, a, nodes) if a.ray_address else _local_level(spec)
+            level["workers"] = rows_per_exchange(before, worker_exchanges(url))
             doc["levels"].append(level)
             if a.out:  # after each level: a crash later keeps what was measured
                 Path(a.out).write_text(json.dumps(doc))
@@ -470,6 +497,7 @@ def table(doc: dict) -> str:
         "TTFT ms p50 / p90 / p99",
         "ITL ms p50 / p90 / p99",
         "E2E s p50 / p90 / p99",
+        "worker rows / computation (exchanges / computation)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for level in levels:
@@ -479,6 +507,8 @@ def table(doc: dict) -> str:
         cells += [f"{s['tok_s']:.1f}", f"{s['tok_s'] / base:.1f}x" if base else "-"]
         cells += [_trio(s["ttft_s"], 1e3, ".0f"), _trio(s["itl_s"], 1e3, ".1f")]
         cells += [_trio(s["e2e_s"], 1, ".2f")]
+        w = level.get("workers")
+        cells += [f"{w['rows_per_batch']:.1f} ({w['exchanges_per_batch']:.2f})" if w else "-"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
@@ -563,10 +593,15 @@ def bench_serve(a: BenchServeArgs) -> dict | list[dict]:
         return compare(a)
     proc, url = None, a.url
     label = a.label or a.url or f"built-in model, {a.transport}, {a.workers} workers"
+    if a.url is None and a.gateways != "1":
+        label += f", {a.gateways} gateways"
     if url is None:
         if a.ray_address:
             log.warning("the server started here listens on 127.0.0.1: only this node reaches it")
-        proc, url, log_path = start_server(a.workers, a.transport, a.model, "bench-serve-")
+        extra = ["--gateways", a.gateways]
+        proc, url, log_path = start_server(
+            a.workers, a.transport, a.model, "bench-serve-", extra=extra
+        )
         log.info("server at %s (log: %s)", url, log_path)
     url = url.rstrip("/").removesuffix("/v1")
     try:

@@ -15,17 +15,23 @@ from pathlib import Path
 
 import psutil
 
-from ..runtime.resources import free_port
-
 
 def start_server(
-    workers: int, transport: str, model: str | None, prefix: str, timeout_s: float = 600
+    workers: int,
+    transport: str,
+    model: str | None,
+    prefix: str,
+    timeout_s: float = 600,
+    extra: list[str] = (),
 ) -> tuple[subprocess.Popen, str, str]:
-    """(process, base URL, log path) once the server says it is serving."""
+    """(process, base URL, log path) once the server says it is serving; extra: more flags."""
+    from ..runtime.resources import free_port  # imports Ray: not when the CLI starts
+
     port = free_port()
     cmd = [sys.executable, "-m", "expertmesh.cluster.cli", "serve", "--port", str(port)]
     cmd += ["--workers", str(workers), "--transport", transport]
     cmd += ["--model", model] if model else []
+    cmd += list(extra)
     with tempfile.NamedTemporaryFile("w", prefix=prefix, suffix=".log", delete=False) as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s

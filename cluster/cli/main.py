@@ -14,6 +14,7 @@ from .args import BenchEngineArgs, GenerateArgs, TinyArgs, add_args, parse
 from .bench_serve import BenchServeArgs
 from .bench_soak import SoakArgs
 from .chat import ChatArgs, run_chat
+from .local_cluster import LocalClusterArgs
 
 log = logging.getLogger("expertmesh")
 
@@ -201,6 +202,12 @@ def cmd_serve(a: ServeArgs) -> int:
     return run_server(a)
 
 
+def cmd_cluster(a: LocalClusterArgs) -> int:
+    from .local_cluster import run_cluster
+
+    return run_cluster(a)
+
+
 def _command(sub, name: str, help: str, args_model, run) -> None:
     """A subcommand whose flags are the fields of `args_model`."""
     p = sub.add_parser(name, help=help, description=help)
@@ -225,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
         ChatArgs,
         lambda a: run_chat(**a.model_dump()),
     )
+    _command(
+        sub,
+        "cluster",
+        "a Ray cluster of several nodes on this machine, all on 127.0.0.1: runs COMMAND on it "
+        "(RAY_ADDRESS set), then stops every node",
+        LocalClusterArgs,
+        cmd_cluster,
+    )
     bench = sub.add_parser("bench", help="benchmarks that print numbers").add_subparsers(
         dest="bench", required=True
     )
@@ -248,12 +263,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def on_loopback(address: str | None) -> bool:
+    """Whether the Ray a command starts or joins lives on 127.0.0.1: a local one (no address,
+    or "local"), or one at a loopback address (`expertmesh cluster`'s; "auto" means
+    $RAY_ADDRESS when that is set)."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS") or address
+    if address in (None, "local"):
+        return True
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def pin_local_ray_to_loopback(ns: argparse.Namespace) -> None:
-    """A local Ray (no --address, or --ray-address) needs no external address: keep every Ray
-    process on 127.0.0.1. Ray reads this once, when it is imported, so it is set before any Ray
-    import."""
-    joins = getattr(ns, "address", None) or getattr(ns, "ray_address", None) not in (None, "local")
-    if not joins and "ray" not in sys.modules:
+    """A Ray on this machine's loopback (a local one, or a cluster of `expertmesh cluster`)
+    needs no external address: keep every Ray process, the driver included, on 127.0.0.1
+    (else the driver takes the machine's address and looks for its node there). Ray reads this
+    once, when it is imported, so it is set before any Ray import (the CLI imports none at
+    start)."""
+    address = getattr(ns, "address", None) or getattr(ns, "ray_address", None)
+    if on_loopback(address) and "ray" not in sys.modules:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 

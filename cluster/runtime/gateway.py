@@ -244,6 +244,7 @@ class Gateway:
             workers=workers_ok,
             strategy=placement_strategy(),
             requests=self._taken,
+            node_id=ray.get_runtime_context().get_node_id(),
         )
 
     def stats(self) -> dict:

@@ -57,7 +57,8 @@ class ExpertPool:
         async def probe(i: int, actor) -> dict:
             try:
                 info = await asyncio.wait_for(actor.ready.remote(), timeout_s)
-                return {"index": i, "up": True, "pid": info["pid"], "node_id": info["node_id"]}
+                keys = ("pid", "node_id", "exchanges", "batches", "rows")
+                return {"index": i, "up": True, **{k: info[k] for k in keys}}
             except Exception:
                 return {"index": i, "up": False}
 

@@ -22,6 +22,7 @@ class Health(TypedDict):
     workers: bool
     strategy: str | None  # the placement group's strategy, as Ray placed it
     requests: int  # requests this gateway has accepted since it started
+    node_id: str  # the Ray node it runs on
 
 
 class ModelInfo(TypedDict):

@@ -1,0 +1,49 @@
+"""A worker computes concurrent exchanges of one layer as one batch, with the same results."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from conftest import CONFIGS
+from expertmesh.ernie.checkpoint import CheckpointReader
+from expertmesh.ernie.config import ModelConfig
+from expertmesh.workers.combine import Combiner
+from expertmesh.workers.experts import ExpertShard
+
+
+def test_waiting_exchanges_of_a_layer_are_computed_together(make_checkpoint):
+    path = make_checkpoint(**CONFIGS["top2of8-shared1"])
+    cfg = ModelConfig.from_dir(path)
+    with CheckpointReader(path) as reader:
+        shard = ExpertShard.load(reader, cfg, [0, 1, 2, 3], torch.float32)
+    layer, other = cfg.moe_layers[0], cfg.moe_layers[1]
+    g = torch.Generator().manual_seed(0)
+
+    def rows(n):  # [n, H], [n, k] global ids (some not ours), [n, k]
+        x = torch.randn(n, cfg.hidden_size, generator=g)
+        ids = torch.randint(0, cfg.num_experts, (n, cfg.top_k), generator=g)
+        return x, ids, torch.rand(n, cfg.top_k, generator=g)
+
+    calls = [(layer, *rows(3)), (layer, *rows(5)), (other, *rows(2)), (layer, *rows(1))]
+    with torch.inference_mode():
+        want = [shard.forward(*c) for c in calls]
+    combiner = Combiner(shard)
+    got: dict[int, torch.Tensor] = {}
+    combiner._compute.acquire()  # a computation under way: the calls below all queue up
+    threads = [
+        threading.Thread(target=lambda i=i: got.__setitem__(i, combiner.forward(*calls[i])))
+        for i in range(len(calls))
+    ]
+    for t in threads:
+        t.start()
+    while len(combiner._queue) < len(calls):
+        threading.Event().wait(0.01)
+    combiner._compute.release()
+    for t in threads:
+        t.join(10)
+    for i, w in enumerate(want):
+        torch.testing.assert_close(got[i], w, rtol=1e-5, atol=1e-5)
+    stats = combiner.stats.snapshot()
+    # three exchanges of one layer in one computation, one of the other layer in another
+    assert stats == {"exchanges": 4, "batches": 2, "rows": 11}

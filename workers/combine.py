@@ -1,0 +1,76 @@
+"""Exchanges for the same layer that wait on one worker at once are computed as one batch.
+
+With several gateways sharing a worker, their exchanges arrive concurrently (gRPC calls on the
+server's threads, or one collective group per gateway, each on its own thread). Computing
+them one after another would give the experts each gateway's batch alone; here a call that
+finds others of the same layer queued computes them all in one grouped expert FFN, so the
+experts see the combined batch of the gateways (the point of M:N). One computation runs at a
+time per worker: the shard's torch threads are the worker's compute.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .experts import ExpertShard
+from .stats import ExchangeStats
+
+
+@dataclass
+class _Job:
+    layer: int
+    x: torch.Tensor  # [n, H]
+    ids: torch.Tensor  # [n, k]
+    weights: torch.Tensor  # [n, k]
+    y: torch.Tensor | None = None  # [n, H] once computed
+    error: BaseException | None = None
+    done: bool = field(default=False)
+
+
+class Combiner:
+    def __init__(self, shard: ExpertShard, stats: ExchangeStats | None = None):
+        self.shard = shard
+        self.stats = stats or ExchangeStats()  # one count per computation, of its rows
+        self._queue: list[_Job] = []
+        self._queue_lock = threading.Lock()
+        self._compute = threading.Lock()
+
+    def forward(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Like `ExpertShard.forward`; may compute other callers' rows of `layer` with these."""
+        job = _Job(layer, x, ids, weights)
+        with self._queue_lock:
+            self._queue.append(job)
+        with self._compute:
+            if not job.done:  # else another caller computed it along with its own
+                with self._queue_lock:
+                    batch = [j for j in self._queue if j.layer == layer]
+                    self._queue = [j for j in self._queue if j.layer != layer]
+                self._run(layer, batch)
+        if job.error is not None:
+            raise job.error
+        return job.y
+
+    def _run(self, layer: int, batch: list[_Job]) -> None:
+        try:
+            if len(batch) == 1:
+                j = batch[0]
+                y = [self.shard.forward(layer, j.x, j.ids, j.weights)]
+            else:
+                x = torch.cat([j.x for j in batch])  # [sum n, H]
+                ids = torch.cat([j.ids for j in batch])  # [sum n, k]
+                weights = torch.cat([j.weights for j in batch])  # [sum n, k]
+                y = self.shard.forward(layer, x, ids, weights).split([len(j.x) for j in batch])
+            self.stats.add(sum(len(j.x) for j in batch), len(batch))
+            for j, out in zip(batch, y, strict=True):
+                j.y = out
+        except BaseException as e:  # each caller raises it
+            for j in batch:
+                j.error = e
+        finally:
+            for j in batch:
+                j.done = True
