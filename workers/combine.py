@@ -55,19 +55,22 @@ class Combiner:
             raise job.error
         return job.y
 
+    def compute(self, layer: int, parts: list[tuple]) -> list[torch.Tensor]:
+        """Exchanges (x [n, H], ids [n, k], weights [n, k]) of one layer in one computation;
+        their results [n, H], in order."""
+        if len(parts) == 1:
+            out = [self.shard.forward(layer, *parts[0])]
+        else:
+            x, ids, weights = (torch.cat(t) for t in zip(*parts))  # [sum n, H], [sum n, k] x2
+            out = list(self.shard.forward(layer, x, ids, weights).split([len(p[0]) for p in parts]))
+        self.stats.add(sum(len(p[0]) for p in parts), len(parts))
+        return out
+
     def _run(self, layer: int, batch: list[_Job]) -> None:
         try:
-            if len(batch) == 1:
-                j = batch[0]
-                y = [self.shard.forward(layer, j.x, j.ids, j.weights)]
-            else:
-                x = torch.cat([j.x for j in batch])  # [sum n, H]
-                ids = torch.cat([j.ids for j in batch])  # [sum n, k]
-                weights = torch.cat([j.weights for j in batch])  # [sum n, k]
-                y = self.shard.forward(layer, x, ids, weights).split([len(j.x) for j in batch])
-            self.stats.add(sum(len(j.x) for j in batch), len(batch))
-            for j, out in zip(batch, y, strict=True):
-                j.y = out
+            ys = self.compute(layer, [(j.x, j.ids, j.weights) for j in batch])
+            for j, y in zip(batch, ys, strict=True):
+                j.y = y
         except BaseException as e:  # each caller raises it
             for j in batch:
                 j.error = e
