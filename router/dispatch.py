@@ -81,6 +81,10 @@ def split_by_worker(
 
 def add_results(pending: Pending, results: dict[int, torch.Tensor], like: torch.Tensor):
     """Sum each worker's pre-summed rows into one [T, H] tensor."""
+    if len(pending.parts) == 1:
+        (w, part), n = next(iter(pending.parts.items())), pending.num_tokens
+        if part.rows.shape[0] == n:  # rows are distinct and sorted: all T tokens, in order
+            return results[w].to(like.device, like.dtype)
     out = torch.zeros(pending.num_tokens, like.shape[-1], dtype=like.dtype, device=like.device)
     for w, part in pending.parts.items():
         out.index_add_(0, part.rows.to(out.device), results[w].to(out.device, out.dtype))
@@ -95,13 +99,19 @@ class Dispatcher(ABC):
     def __init__(self, placement: ExpertPlacement):
         self.placement = placement
         self._owner = placement.owner_tensor()
+        owners = set(placement.owner)
+        self._sole = owners.pop() if len(owners) == 1 else None  # one shard owns every expert
         self.recover: Callable[[WorkerFailure], None] | None = None
 
     def dispatch(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> Pending:
         """Send the rows; may return before the answers arrive."""
-        parts = split_by_worker(x, expert_ids, weights, self._owner.to(expert_ids.device))
+        if self._sole is not None and x.shape[0]:  # every row goes there whole: no split
+            rows = torch.arange(x.shape[0], device=x.device)  # [T]
+            parts = {self._sole: WorkerRows(rows, x, expert_ids, weights)}
+        else:
+            parts = split_by_worker(x, expert_ids, weights, self._owner.to(expert_ids.device))
         return Pending(layer, x.shape[0], parts, self._send(layer, parts))
 
     def combine(self, pending: Pending, like: torch.Tensor) -> torch.Tensor:

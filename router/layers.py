@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from expertmesh.ernie.config import ModelConfig
+from expertmesh.ernie.packed_linear import FusedLinear, PackedLinear
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -52,16 +53,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class MLP(nn.Module):
-    """SwiGLU: dense layers and the shared experts."""
+    """SwiGLU: dense layers and the shared experts. On CPU gate and up run as one packed
+    matmul (`FusedLinear`); the parameters keep the checkpoint's names and layout."""
 
     def __init__(self, hidden: int, inter: int, bias: bool):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.down_proj = PackedLinear(inter, hidden, bias=bias)
+        self._gate_up = FusedLinear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # x: [T, H] -> gate, up: [T, I] -> [T, H]
+        gate, up = self._gate_up(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 @dataclass
@@ -89,7 +94,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=b)
         self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=b)
         self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=b)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=b)
+        self.o_proj = PackedLinear(self.heads * self.head_dim, h, bias=b)
+        self._qkv = FusedLinear()  # on CPU q, k and v as one packed matmul
 
     def forward(
         self,
@@ -101,9 +107,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         # x: [T, H]; k_cache, v_cache: [slots, kv_heads, D] of this layer
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        q, k, v = self._qkv(x, (self.q_proj, self.k_proj, self.v_proj))  # [T, heads*D], ...
+        q = q.reshape(t, self.heads, self.head_dim)
+        k = k.reshape(t, self.kv_heads, self.head_dim)
+        v = v.reshape(t, self.kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
@@ -116,7 +123,7 @@ class Attention(nn.Module):
                 qp, kp, vp, attn_mask=meta.mask, enable_gqa=self.heads != self.kv_heads
             )
         out = out.transpose(1, 2)[meta.q_valid]  # [T, heads, D]
-        return self.o_proj(out.reshape(t, self.heads * self.head_dim))
+        return self.o_proj(out.reshape(t, self.heads * self.head_dim))  # [T, H]
 
 
 # On CUDA with a boolean mask, SDPA picks cuDNN, whose per-call host cost (measured on an H100:

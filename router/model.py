@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
+from expertmesh.ernie.packed_linear import PackedLinear
 from torch import nn
 
 from .dispatch import Dispatcher
@@ -97,7 +98,8 @@ class GatewayModel(nn.Module):
         self.cfg = cfg
         self.model = Backbone(cfg)
         bias = cfg.use_bias and not cfg.is_vl  # the VL model's lm_head never has one
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=bias)
+        # packed on CPU: a copy, the (tied) embedding stays dense
+        self.lm_head = PackedLinear(cfg.hidden_size, cfg.vocab_size, bias=bias)
         self.rotary = _rotary(cfg)
 
     @torch.inference_mode()
@@ -125,7 +127,7 @@ class GatewayModel(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rope, k_cache[i], v_cache[i], meta, dispatcher, vision)
         x = self.model.norm(x[meta.last_index])  # [B, H]
-        return self.lm_head(x).float()
+        return self.lm_head(x).float()  # [B, V]
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CONFIGS, prompts_of, reference_model
+from expertmesh.ernie import packed_linear
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.router.engine import EngineConfig, LLMEngine
 from expertmesh.router.sampling import SamplingParams
@@ -40,6 +41,22 @@ def test_logits_match_reference(make_checkpoint, name, shards):
         assert (got - want).abs().max() <= TOL
         alone = engine.score([prompt])[0]
         assert (alone - want).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("shards", [1, 2])
+def test_both_cpu_linear_paths_match_reference(make_checkpoint, monkeypatch, packed, shards):
+    """oneDNN with packed weights (the default on AMD CPUs) and F.linear (elsewhere)."""
+    if packed and not packed_linear._supported(torch.float32):
+        pytest.skip("no oneDNN float32 kernel on this torch")
+    monkeypatch.setattr(packed_linear, "ENABLED", packed)
+    path = make_checkpoint(**CONFIGS["top4of16-shared2-start2-every2"])
+    engine = LLMEngine.from_checkpoint(path, num_shards=shards)
+    w13 = engine.dispatcher.shards[0].weights[engine.model_cfg.moe_layers[0]][0]
+    assert w13[0].is_mkldnn == packed
+    prompts = prompts_of([1, 9, 40], ModelConfig.from_dir(path).vocab_size, seed=5)
+    for prompt, got in zip(prompts, engine.score(prompts)):
+        assert (got - ref_logits(path, prompt)).abs().max() <= TOL
 
 
 def test_any_expert_map_works(make_checkpoint):

@@ -48,7 +48,7 @@ def test_a_worker_reads_only_its_experts(vl_checkpoint):
         shard = ExpertShard.load(reader, cfg, [1, 6], torch.float32)  # one text, one vision
         assert {k.split(".experts.")[1].split(".")[0] for k in reader.tensors_read} == {"1", "6"}
         assert len(reader.tensors_read) == 3 * 2 * len(cfg.moe_layers)
-    w13, w2 = shard.vision_weights[1]
+    w13, w2 = shard.stacked(1, vision=True)
     assert w13.shape == (1, 2 * cfg.vision_moe_intermediate_size, cfg.hidden_size)
     with CheckpointReader(vl_checkpoint) as reader:
         GatewayModel.load(reader, cfg, torch.float32)

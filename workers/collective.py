@@ -239,7 +239,7 @@ class CollectiveWorker:
         self.group: Group | None = None
         self._stop = threading.Event()
         self._waiting: threading.Event | None = None
-        self._compute_device = next(iter(shard.weights.values()))[0].device
+        self._compute_device = shard.device
 
     def join(
         self,

@@ -2,6 +2,11 @@
 
 Decode time is the time of a generate run of `tokens` tokens minus that of a one-token run
 (the prefill), so both sides are measured the same way. Numbers are medians of `repeats`.
+With the transformers baseline, the engine's and transformers' runs alternate within every
+repeat (engine, transformers, engine, ...), so a busy neighbour on a shared machine slows
+both alike instead of whichever side happened to run during it. Both run in this process,
+with the same torch threads, dtype (the engine's, float32 on CPU), prompts and lengths;
+transformers greedy (`do_sample=False`) with its KV cache, exactly `tokens` new tokens.
 """
 
 from __future__ import annotations
@@ -21,13 +26,10 @@ from .engine_factory import open_engine
 MEDIUM = dict(hidden=512, layers=8, heads=8, kv_heads=2, experts=16, top_k=4, shared=2, seed=0)
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _time(run, n: int) -> float:
+    t0 = time.perf_counter()
+    run(n)
+    return time.perf_counter() - t0
 
 
 def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -35,28 +37,41 @@ def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(5, min(vocab, 400), (batch, length), generator=g).tolist()
 
 
-def engine_decode_time(engine, prompts, tokens: int, repeats: int) -> float:
+def engine_run(engine, prompts):
+    """run(n): generate n tokens per prompt with the engine (greedy, no early stop)."""
+
     def run(n):
-        return lambda: engine.generate(
-            prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-        )
+        engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
-    run(2)()  # warm-up
-    return _median_time(run(tokens), repeats) - _median_time(run(1), repeats)
+    return run
 
 
-def hf_decode_time(model, prompts, tokens: int, repeats: int) -> float:
+def hf_run(model, prompts):
+    """run(n): transformers' generate of exactly n new tokens per prompt (greedy, KV cache)."""
     ids = torch.tensor(prompts)
 
     def run(n):
-        def go():
-            with torch.no_grad():
-                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-        return go
+    return run
 
-    run(2)()
-    return _median_time(run(tokens), repeats) - _median_time(run(1), repeats)
+
+def decode_times(runs: dict, tokens: int, repeats: int) -> dict[str, float]:
+    """Seconds per decode step of each side: (median time of a `tokens` run - median of a
+    one-token run) / (tokens - 1). The sides take turns within each repeat."""
+    for run in runs.values():
+        run(2)  # warm-up
+    full = {side: [] for side in runs}
+    one = {side: [] for side in runs}
+    for _ in range(repeats):
+        for side, run in runs.items():
+            full[side].append(_time(run, tokens))
+            one[side].append(_time(run, 1))
+    return {
+        side: (statistics.median(full[side]) - statistics.median(one[side])) / (tokens - 1)
+        for side in runs
+    }
 
 
 def _exchange_times(engine, rows: list[int], repeats: int) -> dict[int, float]:
@@ -68,12 +83,20 @@ def _exchange_times(engine, rows: list[int], repeats: int) -> dict[int, float]:
     return {r: time_exchange(engine.dispatcher, engine.model_cfg, r, repeats, dtype) for r in rows}
 
 
-def _measure(engine, a: BenchEngineArgs, vocab: int) -> dict:
+def _measure(engine, a: BenchEngineArgs, vocab: int, hf_model=None) -> tuple[dict, dict]:
+    """The engine's decode step time per batch (and transformers', when given a model)."""
     out = {"decode": {}, "exchange": _exchange_times(engine, a.exchange_rows, a.repeats)}
+    hf = {}
     for b in a.batch:
         prompts = _prompts(b, a.prompt_len, vocab)
-        out["decode"][b] = engine_decode_time(engine, prompts, a.tokens, a.repeats) / (a.tokens - 1)
-    return out
+        runs = {"engine": engine_run(engine, prompts)}
+        if hf_model is not None:
+            runs["transformers"] = hf_run(hf_model, prompts)
+        times = decode_times(runs, a.tokens, a.repeats)
+        out["decode"][b] = times["engine"]
+        if hf_model is not None:
+            hf[b] = times["transformers"]
+    return out, hf
 
 
 def bench_engine(a: BenchEngineArgs) -> dict:
@@ -82,16 +105,13 @@ def bench_engine(a: BenchEngineArgs) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(a.model) if a.model else _medium(tmp)
         vocab = ModelConfig.from_dir(path).vocab_size
-        results = {}
+        with_hf = a.baseline == "transformers" and len(a.transport) == 1
+        hf_model = _hf_model(path) if with_hf else None
+        results, hf = {}, {}
         for t in a.transport:
             with open_engine(a.cluster_config(path, transport=t)) as engine:
-                results[t] = _measure(engine, a, vocab)
-        hf = {}
-        if a.baseline == "transformers" and len(a.transport) == 1:
-            model = _hf_model(path)
-            for b in a.batch:
-                t_hf = hf_decode_time(model, _prompts(b, a.prompt_len, vocab), a.tokens, a.repeats)
-                hf[b] = t_hf / (a.tokens - 1)
+                results[t], hf_t = _measure(engine, a, vocab, hf_model)
+                hf.update(hf_t)
         _print(a, results, hf)
         return {"transports": results, "transformers": hf}
 

@@ -174,7 +174,10 @@ class StaticDecode:
 
     def __init__(self, engine: LLMEngine):
         self.model, self.kv = engine.model, engine.kv
-        self.shards = [(s._g2l.to(engine.device), s.weights) for s in engine.dispatcher.shards]
+        self.shards = [  # per shard: g2l, {layer: (w13 [E, 2I, H], w2 [E, H, I])}
+            (s._g2l.to(engine.device), {layer: s.stacked(layer) for layer in s.weights})
+            for s in engine.dispatcher.shards
+        ]
 
     def _moe(self, mlp: MoEBlock, layer: int, h: torch.Tensor) -> torch.Tensor:
         bias = mlp.moe_statics.e_score_correction_bias
