@@ -30,6 +30,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from .local_server import end_children
+
 log = logging.getLogger(__name__)
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": every Ray process takes 127.0.0.1
@@ -191,20 +193,7 @@ def stop_nodes(cluster, timeout_s: float = 60) -> None:
     t.join(timeout_s)
     if t.is_alive():
         log.warning("the Ray nodes did not stop within %.0f s; killing them", timeout_s)
-    _end_children()
-
-
-def _end_children(grace_s: float = 5.0) -> None:
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    for c in children:
-        with contextlib.suppress(psutil.Error):
-            c.terminate()
-    _, left = psutil.wait_procs(children, timeout=grace_s)
-    for c in left:
-        with contextlib.suppress(psutil.Error):
-            c.kill()
+    end_children(5.0)
 
 
 def reexec_in_netns(a: LocalClusterArgs) -> None:

@@ -58,3 +58,15 @@ def stop_server(proc: subprocess.Popen, grace_s: float = 120) -> list[int]:
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(10)
     return [p.pid for p in left]
+
+
+def end_children(grace_s: float) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`, every process below this one still alive."""
+    children = psutil.Process().children(recursive=True)
+    for c in children:
+        with contextlib.suppress(psutil.Error):
+            c.terminate()
+    _, left = psutil.wait_procs(children, timeout=grace_s)
+    for c in left:
+        with contextlib.suppress(psutil.Error):
+            c.kill()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -10,7 +9,6 @@ import threading
 import time
 
 import httpx
-import psutil
 import ray
 from ray import serve
 
@@ -18,6 +16,7 @@ from ..api.app import build_app
 from ..api.routing import known_replicas
 from ..config import ServeArgs
 from ..runtime.launch import start_ray
+from .local_server import end_children
 
 log = logging.getLogger(__name__)
 APP = "expertmesh"
@@ -103,21 +102,9 @@ def _shutdown(started_ray: bool, deadline_s: float = 9.0) -> None:
     if not started_ray:
         return
     if _within(ray.shutdown, end - time.monotonic() - 0.5):
-        _end_children(0.0)
+        end_children(0.0)
         return
     log.warning("Ray did not shut down in time; ending its processes")
-    _end_children(0.5)
+    end_children(0.5)
     logging.shutdown()
     os._exit(0)  # a stuck ray.shutdown() would also hang the interpreter's exit
-
-
-def _end_children(grace_s: float) -> None:
-    """SIGTERM, then SIGKILL, every process below this one that is still alive."""
-    children = psutil.Process().children(recursive=True)
-    for c in children:
-        with contextlib.suppress(psutil.Error):
-            c.terminate()
-    _, left = psutil.wait_procs(children, timeout=grace_s)
-    for c in left:
-        with contextlib.suppress(psutil.Error):
-            c.kill()
