@@ -4,8 +4,9 @@
 # Each configuration gets a fresh server; the same client (`expertmesh bench serve`, streaming
 # completions, ignore_eos) runs every level; then one table per run and one plot of all four.
 #
-#   bash scripts/bench_scaleout.sh [OUT_DIR] [bench serve flags...]
-#   bash scripts/bench_scaleout.sh docs/bench/scaleout --concurrency 32 128 --requests 2
+#   [MODEL=DIR] bash scripts/bench_scaleout.sh [OUT_DIR] [bench serve flags...]
+#   MODEL=/tmp/medium bash scripts/bench_scaleout.sh docs/bench/scaleout --concurrency 32 128
+# (MODEL: a checkpoint; default: the built-in tiny model)
 set -euo pipefail
 OUT=${1:-scaleout}
 shift || true
@@ -13,9 +14,11 @@ FLAGS=("$@")
 [ ${#FLAGS[@]} -gt 0 ] || FLAGS=(--concurrency 32 128 --requests 2 --max-tokens 32)
 mkdir -p "$OUT"
 COMMON=(--endpoint completions --prompt-tokens 32 "${FLAGS[@]}")
+SERVE_MODEL=()
+[ -z "${MODEL:-}" ] || SERVE_MODEL=(--model "$MODEL")
 
 for g in 1 2; do
-  expertmesh bench serve --workers 2 --gateways "$g" "${COMMON[@]}" \
+  expertmesh bench serve --workers 2 --gateways "$g" "${SERVE_MODEL[@]}" "${COMMON[@]}" \
     --label "1 node, $g gateway(s)" --out "$OUT/one-node-$g.json"
 done
 
@@ -25,7 +28,7 @@ for g in 1 2; do
     set -euo pipefail
     port=$(python -c "import socket; s=socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])")
     expertmesh serve --address auto --strategy SPREAD --workers 2 --gateways "$0" --port "$port" \
-      > "$1/serve-two-nodes-$0.log" 2>&1 &
+      ${MODEL:+--model "$MODEL"} > "$1/serve-two-nodes-$0.log" 2>&1 &
     pid=$!
     trap "kill -TERM $pid 2>/dev/null; wait $pid || true" EXIT
     until grep -q serving "$1/serve-two-nodes-$0.log"; do
