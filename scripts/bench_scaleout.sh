@@ -35,7 +35,7 @@ for g in 1 2; do
       kill -0 $pid 2>/dev/null || { tail -50 "$1/serve-two-nodes-$0.log"; exit 1; }
       sleep 1
     done
-    shift 2
+    shift 1  # $0 is the gateway count, $1 the output folder
     expertmesh bench serve --url "http://127.0.0.1:$port" "$@"
   ' "$g" "$OUT" "${COMMON[@]}" --label "2 nodes, $g gateway(s)" --out "$OUT/two-nodes-$g.json"
 done

@@ -593,7 +593,7 @@ def bench_serve(a: BenchServeArgs) -> dict | list[dict]:
         return compare(a)
     proc, url = None, a.url
     label = a.label or a.url or f"built-in model, {a.transport}, {a.workers} workers"
-    if a.url is None and a.gateways != "1":
+    if not a.label and a.url is None and a.gateways != "1":
         label += f", {a.gateways} gateways"
     if url is None:
         if a.ray_address:
