@@ -179,6 +179,35 @@ def test_a_gateway_killed_or_stopped_mid_stream_loses_no_request(ckpt, tmp_path,
         assert s.stop() == set()
 
 
+def test_a_worker_restart_is_seen_by_every_gateway(ckpt, tmp_path):
+    """SIGKILL one of the two shared workers while 16 greedy streams run across two gateways:
+    the pool awaits its restart once, both gateways reconnect, and 16/16 streams finish equal
+    to their runs without the failure, with no SSE error event."""
+    prompts = prompts_of([4 + i % 5 for i in range(16)], ModelConfig.from_dir(ckpt).vocab_size, 2)
+    s = serve(ckpt, tmp_path, "--gateways", "2", "--transport", "grpc")
+    try:
+        wait_for(lambda: len(ready_gateways(s)) == 2)
+        threads, want = stream_texts(s, ckpt, prompts)
+        run_all(threads)
+        before = {w["index"]: w["pid"] for w in health(s)["expert_workers"]}
+        started = threading.Semaphore(0)
+        threads, got = stream_texts(s, ckpt, prompts, started)
+        for t in threads:
+            t.start()
+        for _ in range(8):
+            assert started.acquire(timeout=120)
+        os.kill(before[0], signal.SIGKILL)
+        for t in threads:
+            t.join(180)
+        assert {i: errors for i, (_, errors) in got.items() if errors} == {}
+        assert got == want
+        after = {w["index"]: w["pid"] for w in health(s)["expert_workers"]}
+        assert after[0] != before[0] and after[1] == before[1]  # restarted once, the other kept
+        assert all(g["workers"] for g in ready_gateways(s)) and len(ready_gateways(s)) == 2
+    finally:
+        assert s.stop() == set()
+
+
 def test_gateways_autoscale_up_under_load_and_down_when_idle(ckpt, tmp_path):
     """--gateways auto: the gateway count goes 1 -> 2 under load and back to 1 when idle, and
     every request of the load succeeds."""
