@@ -7,6 +7,7 @@ sharing one pool of two expert workers, and talks to it with the official `opena
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -102,6 +103,8 @@ def test_two_gateways_share_the_workers_and_keep_parity(ckpt, tmp_path, transpor
         assert [text for text, _ in solo] == [reference(ckpt, p) for p in prompts]
         taken = [g["requests"] for g in health(s)["gateways"]]
         assert len(taken) == 2 and min(taken) > 0 and sum(taken) == 64, taken
+        metrics = httpx.get(s.url + "/metrics", timeout=10).text
+        assert re.search(r"^expertmesh_gateways 2\.0$", metrics, re.M), metrics
     finally:
         assert s.stop() == set()
 

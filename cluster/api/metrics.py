@@ -62,11 +62,15 @@ class Metrics:
         self.waiting = Gauge(
             "expertmesh_requests_waiting", "Requests waiting for a batch slot", registry=r
         )
+        self.gateways = Gauge(
+            "expertmesh_gateways", "Gateway replicas that answered (sums are over them)", registry=r
+        )
         self.experts = _ExpertCounts()
         r.register(self.experts)
 
     def render(self, stats: dict, expert_counts: dict) -> bytes:
         self.running.set(stats.get("running", 0))
         self.waiting.set(stats.get("waiting", 0))
+        self.gateways.set(stats.get("gateways", 1))
         self.experts.snapshot = expert_counts
         return generate_latest(self.registry)
