@@ -135,6 +135,12 @@ class ServeArgs(ClusterConfig):
         description="a gateway whose stream stays silent this long is taken as hung: its "
         "requests continue on another gateway",
     )
+    pin_cpus: bool = Field(
+        False,
+        description="give each gateway (and expert worker) cores of its own, with torch threads "
+        "to match, and keep every other process of the server on the rest (Linux, a Ray this "
+        "command starts)",
+    )
     min_replicas: int = Field(1, ge=1, description="ingress replicas at least")
     max_replicas: int = Field(2, ge=1, description="ingress replicas at most")
     target_ongoing_requests: int = Field(

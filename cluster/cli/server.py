@@ -12,11 +12,12 @@ import httpx
 import ray
 from ray import serve
 
-from ..api.app import build_app
+from ..api.app import build_app, gateway_count
 from ..api.routing import known_replicas
 from ..config import ServeArgs
 from ..runtime.launch import start_ray
 from .local_server import end_children
+from .pinning import Pinner, make_plan
 
 log = logging.getLogger(__name__)
 APP = "expertmesh"
@@ -34,8 +35,29 @@ def wait_healthy(url: str, timeout_s: float = 600) -> None:
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f}s")
 
 
+def pinning_plan(a: ServeArgs) -> tuple[ServeArgs, Pinner | None]:
+    """With --pin-cpus: the plan, and the args with torch threads set to its blocks' size
+    (unless given)."""
+    if not a.pin_cpus:
+        return a, None
+    if a.address:
+        log.warning("--pin-cpus pins only the processes of a Ray this command starts: ignored")
+        return a, None
+    compute = gateway_count(a) + (0 if a.cluster_config().in_process else a.workers)
+    plan = make_plan(sorted(os.sched_getaffinity(0)), compute)
+    if plan is None:
+        log.warning("--pin-cpus: %d cores cannot give %d engines a core each and keep one for "
+                    "the rest; not pinning", len(os.sched_getaffinity(0)), compute)  # fmt: skip
+        return a, None
+    given = a.model_fields_set
+    threads = {k: plan.threads for k in ("gateway_threads", "torch_threads") if k not in given}
+    log.info("--pin-cpus: engines on %s, the rest on %s", plan.blocks, plan.rest)
+    return a.model_copy(update=threads), Pinner(plan)
+
+
 def run_server(a: ServeArgs) -> int:
     started_ray = not ray.is_initialized()
+    a, pinner = pinning_plan(a)
     start_ray(a.address)
     stop = threading.Event()
 
@@ -49,6 +71,8 @@ def run_server(a: ServeArgs) -> int:
         signal.signal(sig, on_signal)
     try:
         serve.start(http_options={"host": a.host, "port": a.port})
+        if pinner is not None:
+            pinner.start()  # before the replicas start: pins them as they come
         serve.run(build_app(a), name=APP, route_prefix="/")
         host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
         url = f"http://{host}:{a.port}"
