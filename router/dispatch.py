@@ -126,6 +126,8 @@ class ExchangeLoad:
             "exchanges": self.exchanges,
             "rows": list(self.rows),
             "pairs": list(self.pairs),
+            "max_rows": self.max_rows,
+            "max_pairs": self.max_pairs,
             "rows_max_over_mean": ratio(self.max_rows, self.rows),
             "pairs_max_over_mean": ratio(self.max_pairs, self.pairs),
         }

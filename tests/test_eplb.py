@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from conftest import CONFIGS, prompts_of
+from expertmesh.cluster.cli.main import main
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.router.dispatch import ExchangeLoad
@@ -265,3 +266,53 @@ def test_a_move_on_an_idle_loop_completes_then_nothing_left_to_gain(make_checkpo
         assert rebalancer.moves == 2
     finally:
         loop.stop()
+
+
+# -- flags, the hot checkpoint, the benchmark -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--rebalance-period-s", "5", "--gateways", "2"], "needs --gateways 1"),
+        (["--redundant-experts", "2"], "--redundant-experts needs --rebalance-period-s"),
+    ],
+)
+def test_serve_refuses_moves_with_a_shared_pool_and_copies_without_moves(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_takes_the_balancing_flags():
+    from expertmesh.cluster.config import ServeArgs
+
+    args = ServeArgs(rebalance_period_s=30, redundant_experts=4)
+    assert args.cluster_config("m").rebalance_period_s == 30
+    assert ServeArgs(rebalance_period_s=30, gateways="2", transport="local").gateways == "2"
+
+
+def test_make_tiny_hot_experts(capsys, tmp_path):
+    assert main(["make-tiny", str(tmp_path / "hot"), "--experts", "8", "--hot-experts", "2"]) == 0
+    assert main(["make-tiny", str(tmp_path / "cold"), "--experts", "8"]) == 0
+    with CheckpointReader(tmp_path / "hot") as hot, CheckpointReader(tmp_path / "cold") as cold:
+        key = "model.layers.1.mlp.moe_statics.e_score_correction_bias"
+        boost = hot.read(key, (1, 8)) - cold.read(key, (1, 8))
+        assert torch.allclose(boost, torch.tensor([[1.0, 1, 0, 0, 0, 0, 0, 0]]))
+        gate = "model.layers.1.mlp.gate.weight"
+        assert torch.equal(hot.read(gate, (8, 64)), cold.read(gate, (8, 64)))
+    counts = LLMEngine.from_checkpoint(tmp_path / "hot")
+    counts.generate(prompts_of([20], 400), SamplingParams(max_tokens=4))
+    assert (counts.expert_counts[:, :2] == 23).all()  # every token of every step picks both
+
+
+def test_bench_eplb_in_process(capsys, make_checkpoint):
+    path = make_checkpoint(**HOT)
+    argv = ["bench", "eplb", "--model", str(path), "--transport", "local"]
+    assert main([*argv, "--batch", "8", "--tokens", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if "| 8 |" in line}
+    names = list(rows)
+    assert names[:2] == ["contiguous", "balanced"] and names[2].startswith("balanced + ")
+    ratio = [float(v.split(" | ")[3]) for v in rows.values()]  # pairs max/mean, decode steps
+    assert ratio[0] > 1.5 and max(ratio[1:]) < ratio[0] - 0.3
