@@ -176,6 +176,21 @@ def test_a_shard_reads_only_its_new_experts_and_computes_as_if_loaded(
         shard.forward(layer, x, torch.tensor([[0, 2, -1, -1]] * 10), w)
 
 
+def test_a_vl_shard_moves_text_and_vision_experts(vl_checkpoint):
+    cfg = ModelConfig.from_dir(vl_checkpoint)  # 4 text experts (0..3), 4 vision (4..7)
+    with CheckpointReader(vl_checkpoint) as reader:
+        shard = ExpertShard.load(reader, cfg, [0, 1, 4, 5], torch.float32)
+        assert shard.hold(reader, [1, 3, 5, 6, 7]) == 3
+        fresh = ExpertShard.load(reader, cfg, [1, 3, 5, 6, 7], torch.float32)
+    assert shard.experts == fresh.experts == [1, 3, 5, 6, 7]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, cfg.hidden_size, generator=g)  # [6, H]
+    ids = torch.tensor([[1, 3], [5, 6], [7, -1], [3, 1], [6, 5], [-1, 7]])  # [6, 2]
+    w = torch.rand(6, 2, generator=g)
+    layer = cfg.moe_layers[0]
+    torch.testing.assert_close(shard.forward(layer, x, ids, w), fresh.forward(layer, x, ids, w))
+
+
 # -- a live move ------------------------------------------------------------------------------
 
 
