@@ -410,8 +410,8 @@ def make_tiny(
     module docstring); it adds an lm_head bias (and zero biases elsewhere) to the checkpoint.
     hot_experts, hot_bias: experts 0..hot_experts-1 of every MoE layer get hot_bias added to
     their correction bias, so that they are chosen far more often than the rest (with a bias
-    of 1 and hot_experts <= top_k, by every token): skewed routing, for expert load balancing.
-    The other tensors are those of the same seed without it."""
+    of 1 and hot_experts <= top_k, by nearly every token): skewed routing, for expert load
+    balancing. The other tensors are those of the same seed without it."""
     args = {k: v for k, v in locals().items() if k != "out_dir"}
     _check_args(args)
     n_tok = tokenizer_size()

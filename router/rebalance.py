@@ -146,10 +146,14 @@ class Rebalancer:
             return
         error = m.work.exception()
         if m.phase == "load" and error is None:
-            self.dispatcher.set_placement(m.target)  # between two steps: nothing in flight
-            keep = [m.target.experts_of(s) for s in range(m.target.num_shards)]
-            m.phase, m.work = "drop", self._pool.submit(self.hold, keep)
-            return
+            try:
+                self.dispatcher.set_placement(m.target)  # between two steps: nothing in flight
+            except Exception as e:
+                error = e
+            else:
+                keep = [m.target.experts_of(s) for s in range(m.target.num_shards)]
+                m.phase, m.work = "drop", self._pool.submit(self.hold, keep)
+                return
         self._move = None
         if error is not None:
             log.warning("expert move stopped in its %s phase: %s", m.phase, error)
