@@ -16,7 +16,14 @@ from typing import Literal
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.router.engine import EngineConfig
 from expertmesh.workers.placement import ExpertPlacement
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ClusterConfig(BaseModel):
@@ -58,6 +65,19 @@ class ClusterConfig(BaseModel):
         60, gt=0, description="how long to wait for a failed worker to come back"
     )
     max_worker_restarts: int = Field(20, ge=0, description="Ray restarts of each worker actor")
+    rebalance_period_s: float = Field(
+        0,
+        ge=0,
+        description="expert load balancing: every this many seconds, place the experts for "
+        "the load since the last look, moving them live if that balances the workers better; "
+        "0: never",
+    )
+    redundant_experts: int = Field(
+        0,
+        ge=0,
+        description="extra copies of hot experts over all workers when balancing (each worker "
+        "then holds up to (experts + this) / workers experts)",
+    )
 
     @property
     def in_process(self) -> bool:
@@ -186,6 +206,18 @@ class ServeArgs(ClusterConfig):
     )
     host: str = Field("127.0.0.1", description="HTTP host")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+
+    @model_validator(mode="after")
+    def _one_gateway_moves_experts(self) -> ServeArgs:
+        if self.rebalance_period_s > 0 and not self.in_process and self.gateways != "1":
+            raise ValueError(
+                "--rebalance-period-s needs --gateways 1 (or --transport local): the gateways "
+                "sharing the expert pool would have to switch placements together, which is "
+                "not implemented"
+            )
+        if self.redundant_experts and not self.rebalance_period_s:
+            raise ValueError("--redundant-experts needs --rebalance-period-s")
+        return self
 
     def resolve_model(self) -> tuple[str, str]:
         """(checkpoint path, served model id); no --model means the built-in model."""

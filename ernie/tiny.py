@@ -36,7 +36,7 @@ DEFAULT_TINY = dict(
     seed=0, experts=8, top_k=2, shared=1, layers=4, hidden=64, heads=4, kv_heads=2,
     head_dim=None, intermediate=None, moe_intermediate=None, moe_start=1, moe_end=-1,
     moe_interval=1, vocab=None, dtype="float32", tie_word_embeddings=True, use_bias=False,
-    shards=2, readable_only=True,
+    shards=2, readable_only=True, hot_experts=0, hot_bias=1.0,
 )  # fmt: skip
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|begin_of_sentence|>", "<|end_of_sentence|>"]
@@ -259,12 +259,13 @@ def _attention(init: _Init, t: dict, p: str, cfg: dict) -> None:
     _proj(init, t, f"{p}.o_proj", h, q, bias)  # [H, heads*hd]
 
 
-def _moe(init: _Init, t: dict, p: str, cfg: dict) -> None:
+def _moe(init: _Init, t: dict, p: str, cfg: dict, hot: tuple[int, float] = (0, 0.0)) -> None:
     h, e, inter = cfg["hidden_size"], cfg["moe_num_experts"], cfg["moe_intermediate_size"]
     t[f"{p}.gate.weight"] = init.normal(
         (e, h), GATE_GAIN / math.sqrt(h), torch.float32
     )  # [E, H] fp32
     bias = init.normal((1, e), CORRECTION_STD, torch.float32)  # [1, E], fp32
+    bias[0, : hot[0]] += hot[1]  # hot experts: chosen for (almost) every token
     t[f"{p}.moe_statics.e_score_correction_bias"] = torch.where(bias == 0, 1e-3, bias)
     for j in range(e):
         _mlp(init, t, f"{p}.experts.{j}", h, inter, bias=False)  # routed: never a bias
@@ -281,7 +282,12 @@ def _embedding(init: _Init, v: int, h: int, n_tok: int) -> torch.Tensor:
 
 
 def _tensors(
-    cfg: dict, seed: int, n_tok: int, random_bias: bool, suppressed: Sequence[int]
+    cfg: dict,
+    seed: int,
+    n_tok: int,
+    random_bias: bool,
+    suppressed: Sequence[int],
+    hot: tuple[int, float] = (0, 0.0),
 ) -> dict[str, torch.Tensor]:
     """All tensors in Hub key order; the draw order is fixed so a seed pins every byte."""
     init = _Init(seed, getattr(torch, cfg["dtype"]), random_bias)
@@ -293,7 +299,7 @@ def _tensors(
         _attention(init, t, f"{p}.self_attn", cfg)
         t[f"{p}.post_attention_layernorm.weight"] = init.norm(h)  # [H]
         if is_moe_layer(cfg, i):
-            _moe(init, t, f"{p}.mlp", cfg)
+            _moe(init, t, f"{p}.mlp", cfg, hot)
         else:
             _mlp(init, t, f"{p}.mlp", h, cfg["intermediate_size"], cfg["use_bias"])
     t["model.norm.weight"] = init.norm(h)  # [H]
@@ -387,18 +393,25 @@ def _check_args(a: dict) -> None:
         raise ValueError("heads must be a multiple of kv_heads")
     if a["shards"] < 1 or a["shared"] < 0 or a["moe_interval"] < 1:
         raise ValueError("shards and moe_interval must be >= 1, shared >= 0")
+    if not 0 <= a["hot_experts"] <= a["experts"]:
+        raise ValueError(f"hot_experts={a['hot_experts']} must be in [0, experts={a['experts']}]")
 
 
 def make_tiny(
     out_dir, *, seed=0, experts=8, top_k=2, shared=1, layers=4, hidden=64, heads=4,
     kv_heads=2, head_dim=None, intermediate=None, moe_intermediate=None,
     moe_start=1, moe_end=-1, moe_interval=1, vocab=None, dtype="float32",
-    tie_word_embeddings=True, use_bias=False, shards=2, readable_only=True,
+    tie_word_embeddings=True, use_bias=False, shards=2, readable_only=True, hot_experts=0,
+    hot_bias=1.0,
 ) -> Path:  # fmt: skip
     """Writes a tiny random ERNIE-4.5 MoE checkpoint (Hub layout) into out_dir; returns it.
 
     readable_only: the model never emits a token that is not readable text on its own (see the
-    module docstring); it adds an lm_head bias (and zero biases elsewhere) to the checkpoint."""
+    module docstring); it adds an lm_head bias (and zero biases elsewhere) to the checkpoint.
+    hot_experts, hot_bias: experts 0..hot_experts-1 of every MoE layer get hot_bias added to
+    their correction bias, so that they are chosen far more often than the rest (with a bias
+    of 1 and hot_experts <= top_k, by nearly every token): skewed routing, for expert load
+    balancing. The other tensors are those of the same seed without it."""
     args = {k: v for k, v in locals().items() if k != "out_dir"}
     _check_args(args)
     n_tok = tokenizer_size()
@@ -416,5 +429,6 @@ def make_tiny(
         out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": eos, "pad_token_id": 0}
     )
     suppressed = suppressed_ids(vocab) if readable_only else []
-    _save_weights(_tensors(cfg, seed, n_tok, use_bias, suppressed), out, shards)
+    hot = (hot_experts, hot_bias)
+    _save_weights(_tensors(cfg, seed, n_tok, use_bias, suppressed, hot), out, shards)
     return out

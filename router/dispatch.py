@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from expertmesh.workers.experts import ExpertShard
-from expertmesh.workers.placement import ExpertPlacement
+from expertmesh.workers.placement import ExpertPlacement, shards_of_slots
 
 
 @dataclass
@@ -58,15 +58,20 @@ class WorkerUnavailable(RuntimeError):
 
 
 def split_by_worker(
-    x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, owner: torch.Tensor
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    shard_of: torch.Tensor,
+    workers: list[int] | None = None,
 ) -> dict[int, WorkerRows]:
-    """Group a layer's token rows by the worker that owns their experts.
+    """Group a layer's token rows by the worker that holds their experts.
 
-    x: [T, H]; expert_ids, weights: [T, k]; owner: [E] shard of each expert.
+    x: [T, H]; expert_ids, weights: [T, k]; shard_of: [T, k] the worker each (token, slot)
+    goes to (`shards_of_slots`: the expert's owner, or one of its copies); workers: those
+    that appear in shard_of, when the caller knows them already.
     """
-    shard_of = owner[expert_ids]  # [T, k]
     parts = {}
-    for w in torch.unique(shard_of).tolist():
+    for w in torch.unique(shard_of).tolist() if workers is None else workers:
         mine = shard_of == w  # [T, k]
         rows = mine.any(-1).nonzero().squeeze(-1)  # [n]
         m = mine[rows]
@@ -91,27 +96,86 @@ def add_results(pending: Pending, results: dict[int, torch.Tensor], like: torch.
     return out
 
 
+class ExchangeLoad:
+    """What the exchanges sent each worker: rows (tokens) and (token, expert) pairs, summed,
+    and the busiest worker's, summed over exchanges (a layer waits for its busiest worker)."""
+
+    def __init__(self, num_workers: int):
+        self.num_workers = num_workers
+        self.exchanges = 0
+        self.rows = [0] * num_workers
+        self.pairs = [0] * num_workers
+        self.max_rows = 0  # sum over exchanges of the most rows any worker got
+        self.max_pairs = 0
+
+    def add(self, rows: list[int], pairs: list[int]) -> None:
+        self.exchanges += 1
+        for w in range(self.num_workers):
+            self.rows[w] += rows[w]
+            self.pairs[w] += pairs[w]
+        self.max_rows += max(rows)
+        self.max_pairs += max(pairs)
+
+    def snapshot(self) -> dict:
+        """Totals and, per exchange, the busiest worker over the mean worker (1.0: even)."""
+
+        def ratio(most: int, total: list[int]) -> float:
+            return most * self.num_workers / sum(total) if sum(total) else 1.0
+
+        return {
+            "exchanges": self.exchanges,
+            "rows": list(self.rows),
+            "pairs": list(self.pairs),
+            "max_rows": self.max_rows,
+            "max_pairs": self.max_pairs,
+            "rows_max_over_mean": ratio(self.max_rows, self.rows),
+            "pairs_max_over_mean": ratio(self.max_pairs, self.pairs),
+        }
+
+
 class Dispatcher(ABC):
     """Moves one MoE layer's routed rows to the expert shards and back."""
 
     max_recoveries = 3  # recover-and-resend rounds per exchange before giving up
 
     def __init__(self, placement: ExpertPlacement):
-        self.placement = placement
-        self._owner = placement.owner_tensor()
-        owners = set(placement.owner)
-        self._sole = owners.pop() if len(owners) == 1 else None  # one shard owns every expert
+        self._route_by(placement)
+        self.load = ExchangeLoad(placement.num_shards)
         self.recover: Callable[[WorkerFailure], None] | None = None
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Route by `placement` from the next exchange on. Call it between exchanges (the
+        engine loop does, between two steps), once every shard holds its experts."""
+        old, new = self.placement, placement
+        if (old.num_shards, old.num_experts) != (new.num_shards, new.num_experts):
+            raise ValueError("a new placement must have the same shards and experts")
+        self._route_by(placement)
+
+    def _route_by(self, placement: ExpertPlacement) -> None:
+        self.placement = placement
+        self._table, self._count = placement.copy_table()  # [E, C], [E]
+        holders = {s for c in placement.copies for s in c}
+        self._sole = holders.pop() if len(holders) == 1 else None  # one shard holds everything
 
     def dispatch(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> Pending:
         """Send the rows; may return before the answers arrive."""
+        n = self.placement.num_shards
         if self._sole is not None and x.shape[0]:  # every row goes there whole: no split
             rows = torch.arange(x.shape[0], device=x.device)  # [T]
             parts = {self._sole: WorkerRows(rows, x, expert_ids, weights)}
+            pairs = [expert_ids.numel() if w == self._sole else 0 for w in range(n)]
         else:
-            parts = split_by_worker(x, expert_ids, weights, self._owner.to(expert_ids.device))
+            device = expert_ids.device
+            if self._table.device != device:
+                self._table, self._count = self._table.to(device), self._count.to(device)
+            shard_of = shards_of_slots(expert_ids, self._table, self._count)  # [T, k]
+            pairs = torch.bincount(shard_of.flatten(), minlength=n).tolist()
+            used = [w for w in range(n) if pairs[w]]
+            parts = split_by_worker(x, expert_ids, weights, shard_of, used)
+        if x.shape[0]:
+            self.load.add([len(parts[w].rows) if w in parts else 0 for w in range(n)], pairs)
         return Pending(layer, x.shape[0], parts, self._send(layer, parts))
 
     def combine(self, pending: Pending, like: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The engine loop in its own thread: requests come in through a queue, tokens go out by callback.
 
 The engine itself is single-threaded; only this thread touches it. torch releases the GIL
-while it computes, so the caller's event loop keeps answering.
+while it computes, so the caller's event loop keeps answering. A `Rebalancer`, when given,
+ticks here between two steps (it switches the dispatcher's placement there); `call` runs any
+other function at that point.
 """
 
 from __future__ import annotations
@@ -10,20 +12,24 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 from .dispatch import WorkerUnavailable
 from .engine import LLMEngine, RequestError
 from .events import ErrorKind, TokenEvent, error_event
+from .rebalance import Rebalancer
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 OnEvent = Callable[[TokenEvent], None]
+TICK_S = 0.02  # how often an idle loop ticks the rebalancer while a move is in flight
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, rebalancer: Rebalancer | None = None):
         self.engine = engine
+        self.rebalancer = rebalancer
         self._inbox: queue.Queue = queue.Queue()
         self._listeners: dict[str, OnEvent] = {}
         self._stopped = threading.Event()
@@ -54,10 +60,19 @@ class EngineLoop:
         """End every request (running, waiting or queued) with an UNAVAILABLE error event."""
         self._inbox.put(("drain", message))
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn() on the loop thread between two steps; its result (or error) comes back
+        through the future."""
+        future: Future = Future()
+        self._inbox.put(("call", fn, future))
+        return future
+
     def stop(self, timeout: float = 30) -> None:
         self._stopped.set()
         self._inbox.put(("stop",))
         self._thread.join(timeout)
+        if self.rebalancer is not None:
+            self.rebalancer.close()
 
     @property
     def alive(self) -> bool:
@@ -72,12 +87,14 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stopped.is_set():
             block = not self.engine.has_work()
+            moving = self.rebalancer is not None and self.rebalancer.busy
             try:
-                self._handle(self._inbox.get(block=block))
+                self._handle(self._inbox.get(block=block, timeout=TICK_S if moving else None))
                 while True:  # take everything that queued up
                     self._handle(self._inbox.get_nowait())
             except queue.Empty:
                 pass
+            self._tick()
             if self.engine.has_work() and not self._stopped.is_set():
                 self._deliver(self._step())
         for rid in list(self._listeners):
@@ -93,8 +110,22 @@ class EngineLoop:
             log.exception("engine step failed")
             return self.engine.fail_running(f"internal error: {e}", ErrorKind.INTERNAL)
 
+    def _tick(self) -> None:
+        if self.rebalancer is None:
+            return
+        try:
+            self.rebalancer.tick()
+        except Exception:  # a failed expert move must not stop the loop
+            log.exception("expert rebalancing failed")
+
     def _handle(self, cmd: tuple) -> None:
-        if cmd[0] == "add":
+        if cmd[0] == "call":
+            _, fn, future = cmd
+            try:
+                future.set_result(fn())
+            except Exception as e:
+                future.set_exception(e)
+        elif cmd[0] == "add":
             _, rid, prompt, params, on_event, images, resume_ids = cmd
             if rid in self._listeners:
                 on_event(error_event(rid, ErrorKind.INVALID, f"duplicate request id {rid!r}"))

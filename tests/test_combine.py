@@ -20,9 +20,10 @@ def test_waiting_exchanges_of_a_layer_are_computed_together(make_checkpoint):
     layer, other = cfg.moe_layers[0], cfg.moe_layers[1]
     g = torch.Generator().manual_seed(0)
 
-    def rows(n):  # [n, H], [n, k] global ids (some not ours), [n, k]
+    def rows(n):  # [n, H], [n, k] global ids (-1 where not ours, as a dispatcher sends), [n, k]
         x = torch.randn(n, cfg.hidden_size, generator=g)
         ids = torch.randint(0, cfg.num_experts, (n, cfg.top_k), generator=g)
+        ids = torch.where(ids < 4, ids, -1)
         return x, ids, torch.rand(n, cfg.top_k, generator=g)
 
     calls = [(layer, *rows(3)), (layer, *rows(5)), (other, *rows(2)), (layer, *rows(1))]

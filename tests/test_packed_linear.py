@@ -109,10 +109,10 @@ def test_expert_shard_packs_on_cpu_and_computes_as_the_stacked_weights(make_chec
             assert torch.equal(d2[j], reader.read(f"{p}.down_proj.weight", (h, i)))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, cfg.hidden_size, generator=g)
-    ids = torch.tensor([[1, 5], [2, 3], [0, 4], [5, 1], [2, 2], [6, 7]])  # -1 below: elsewhere
+    ids = torch.tensor([[1, 5], [2, -1], [-1, -1], [5, 1], [2, 2], [-1, 5]])  # -1: elsewhere
     weights = torch.rand(6, 2, generator=g)
     got = shard.forward(layer, x, ids, weights)
-    local = shard._g2l[ids]
+    local = shard._held.g2l[ids]
     torch.testing.assert_close(
         got, grouped_swiglu(x, local, weights, d13, d2), rtol=1e-5, atol=1e-5
     )

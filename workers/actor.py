@@ -1,7 +1,9 @@
 """The expert worker: a Ray actor holding one shard of experts and the transport it serves.
 
 It is stateless besides its weights: when its process dies, Ray restarts it (`max_restarts`),
-the new process reloads its shard and reports its new address through `ready()`.
+the new process reloads its shard and reports its new address through `ready()`. The
+experts it holds may change while it serves (`hold_experts`, for load balancing); a restart
+brings back the ones it was created with, and the gateway's link gives it its current ones.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class ExpertWorker:
         torch_threads: int = 1,
     ):
         torch.set_num_threads(torch_threads)
-        self.index = index
+        self.index, self.model = index, model
         self.rss_before_load = rss_bytes()
         self.device = resolve_device("auto", gpu_assigned=bool(ray.get_gpu_ids()))
         cfg = ModelConfig.from_dir(model)
@@ -94,6 +96,14 @@ class ExpertWorker:
             "rss": rss_bytes(),
             **self.combiner.stats.snapshot(),  # exchanges served, computations, rows
         }
+
+    def hold_experts(self, experts: list[int]) -> dict:
+        """Hold exactly `experts` from now on, reading only the tensors of those it lacks,
+        while it goes on serving; `ready()`'s info after that."""
+        with CheckpointReader(self.model) as reader:
+            self.shard.hold(reader, experts)
+            self.bytes_read += reader.bytes_read
+        return self.ready()
 
     def run_collective(
         self, master_addr: str, master_port: int, rank: int, world: int, backend: str

@@ -12,7 +12,9 @@ Elsewhere (CUDA) they are stacked [E, 2I, H] / [E, H, I] tensors, which the padd
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +112,9 @@ class ExpertShard:
     Each is a pair (w13, w2): stacked [E_local, 2I, H] / [E_local, H, I] tensors, or on CPU
     lists of per-expert [2I, H] / [H, I] weights packed for oneDNN (`compute_form`);
     `stacked(layer)` gives the dense stacked form of either.
+
+    The experts held can change while the shard serves (`hold`, for load balancing): what
+    `forward` reads is one `_Held`, replaced whole, so a call sees the old set or the new one.
     """
 
     def __init__(
@@ -120,21 +125,8 @@ class ExpertShard:
         vision_weights: dict[int, tuple] | None = None,
     ):
         self.cfg = cfg
-        self.experts = list(experts)  # in local order: weights' text rows, then vision rows
-        # global expert id -> local index, -1 for experts owned elsewhere
-        g2l = torch.full((cfg.num_experts + 1,), -1, dtype=torch.long)
-        g2l[torch.tensor(self.experts, dtype=torch.long)] = torch.arange(len(self.experts))
-        self._g2l = g2l  # the extra last entry maps the -1 padding id to -1
-        # layer -> (w13, w2), text experts; then vision experts (their own width)
-        self.weights = {layer: compute_form(*pair) for layer, pair in weights.items()}
-        self.vision_weights = {
-            layer: compute_form(*pair) for layer, pair in (vision_weights or {}).items()
-        }
-        # both widths: per-expert weights, text then vision, as grouped_swiglu takes them
-        self._mixed = {
-            layer: tuple([*a, *b] for a, b in zip(self.weights[layer], v))
-            for layer, v in self.vision_weights.items()
-        }
+        self._held = _Held.of(cfg, experts, weights, vision_weights or {})
+        self._holding = threading.Lock()  # one `hold` at a time
 
     @classmethod
     def load(
@@ -161,6 +153,19 @@ class ExpertShard:
         return cls(cfg, text + vision, weights, vision_weights)
 
     @property
+    def experts(self) -> list[int]:
+        """Global ids of the experts held, in local order (text, then vision)."""
+        return self._held.experts
+
+    @property
+    def weights(self) -> dict[int, tuple]:
+        return self._held.weights
+
+    @property
+    def vision_weights(self) -> dict[int, tuple]:
+        return self._held.vision_weights
+
+    @property
     def device(self) -> torch.device:
         """Where the experts compute."""
         for w13, _ in (*self.weights.values(), *self.vision_weights.values()):
@@ -185,10 +190,83 @@ class ExpertShard:
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """x: [N, H]; expert_ids: [N, k] global ids (-1 = not routed here); weights: [N, k]."""
-        w13, w2 = self._mixed.get(layer) or self.weights[layer]
-        g2l = self._g2l.to(expert_ids.device)
+        held = self._held  # one consistent set, whatever `hold` does meanwhile
+        w13, w2 = held.mixed.get(layer) or held.weights[layer]
+        g2l = held.g2l.to(expert_ids.device)
         local = g2l[expert_ids]  # -1 indexes the last entry, which is -1
+        missing = (local < 0) & (expert_ids >= 0)  # [N, k]
+        if missing.any():  # a placement this shard has not caught up with: never drop rows
+            raise ValueError(
+                f"experts {sorted(set(expert_ids[missing].tolist()))} are not held here "
+                f"(this shard holds {held.experts})"
+            )
         return grouped_swiglu(x, local, weights, w13, w2)
+
+    def hold(self, reader: CheckpointReader, experts: Sequence[int]) -> int:
+        """Hold exactly `experts` from now on: read the tensors of those not held yet (only
+        theirs), keep the weights of those held already, drop the rest. Calls of `forward`
+        meanwhile use the former set. Returns the number of experts read."""
+        with self._holding:
+            old, n_text = self._held, self.cfg.num_text_experts
+            want = sorted(set(experts))
+            missing = [e for e in want if e not in old.experts]
+            groups = ([e for e in want if e < n_text], [e for e in want if e >= n_text])
+            weights, vision_weights = {}, {}
+            for layer in self.cfg.moe_layers:
+                weights[layer] = self._gather(reader, layer, groups[0], missing)
+                if groups[1]:
+                    vision_weights[layer] = self._gather(reader, layer, groups[1], missing)
+            self._held = _Held.of(self.cfg, [*groups[0], *groups[1]], weights, vision_weights)
+        log.info("expert shard holds %d experts now (%d read)", len(want), len(missing))
+        return len(missing)
+
+    def _gather(self, reader, layer: int, experts: list[int], missing: list[int]) -> tuple:
+        """One layer's (w13, w2) of `experts` (all of one width) in the shard's form: the
+        weights of those held as they are, those in `missing` read from the checkpoint."""
+        dtype, device = self._form()
+        new = [e for e in experts if e in missing]
+        read = _load_group(reader, self.cfg, layer, new, dtype, device)
+        if not experts:
+            return read  # empty tensors of the right width
+        held = self._held
+        pair = held.mixed.get(layer) or held.weights[layer]  # indexed by local id
+        local = dict(zip(held.experts, range(len(held.experts))))
+        fresh = dict(zip(new, zip(*read)))  # expert -> (w13 [2I, H], w2 [H, I])
+        w13 = [fresh[e][0] if e in fresh else pair[0][local[e]] for e in experts]
+        w2 = [fresh[e][1] if e in fresh else pair[1][local[e]] for e in experts]
+        if can_pack(dtype, device):  # packed, one per expert (as `_load_group` makes them)
+            return w13, w2
+        return torch.stack(w13), torch.stack(w2)  # [n, 2I, H], [n, H, I]
+
+    def _form(self) -> tuple[torch.dtype, torch.device]:
+        """The dtype and device of the shard's weights (float32 on CPU when it holds none)."""
+        for w13, _ in (*self.weights.values(), *self.vision_weights.values()):
+            if len(w13):
+                return w13[0].dtype, w13[0].device
+        return torch.float32, torch.device("cpu")
+
+
+@dataclass(frozen=True, eq=False)
+class _Held:
+    """The experts a shard holds and their weights in compute form, replaced as a whole."""
+
+    experts: list[int]  # global ids in local order: weights' text rows, then vision rows
+    g2l: torch.Tensor  # [E + 1] global id -> local index, -1 elsewhere (last entry: for id -1)
+    weights: dict  # layer -> (w13, w2) of the text experts
+    vision_weights: dict  # layer -> (w13, w2) of the vision experts (their own width)
+    mixed: dict  # layer -> per-expert lists, text then vision, as grouped_swiglu takes both
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, experts, weights: dict, vision_weights: dict) -> _Held:
+        experts = list(experts)
+        g2l = torch.full((cfg.num_experts + 1,), -1, dtype=torch.long)
+        g2l[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
+        weights = {layer: compute_form(*pair) for layer, pair in weights.items()}
+        vision = {layer: compute_form(*pair) for layer, pair in vision_weights.items()}
+        mixed = {
+            layer: tuple([*a, *b] for a, b in zip(weights[layer], v)) for layer, v in vision.items()
+        }
+        return cls(experts, g2l, weights, vision, mixed)
 
 
 def compute_form(w13, w2) -> tuple:

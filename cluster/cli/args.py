@@ -40,6 +40,13 @@ class TinyArgs(BaseModel):
         description="the model never emits a token that is not readable text on its own "
         "(partial UTF-8 bytes, control characters): an lm_head bias keeps them out",
     )
+    hot_experts: int = Field(
+        0,
+        ge=0,
+        description="experts 0..N-1 of every MoE layer are hot: --hot-bias is added to their "
+        "correction bias, so they are chosen far more often (for expert load balancing)",
+    )
+    hot_bias: float = Field(1.0, description="what --hot-experts add to their correction bias")
     vl: bool = Field(
         False,
         description="write an ERNIE-4.5-VL checkpoint instead (make_tiny_vl: --experts text and "

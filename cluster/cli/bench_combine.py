@@ -39,14 +39,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def exchanges(cfg: ModelConfig, m: int, rows: int, device, dtype, seed: int = 0) -> list[tuple]:
-    """m exchanges of `rows` tokens, routed uniformly at random over all experts."""
+def exchanges(
+    cfg: ModelConfig, m: int, rows: int, device, dtype, held: list[int], seed: int = 0
+) -> list[tuple]:
+    """m exchanges of `rows` tokens, routed uniformly at random over all experts; the ids of
+    experts not `held` by the worker are -1, as a dispatcher sends them."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(m):
         x = torch.randn(rows, cfg.hidden_size, generator=g).to(device, dtype)  # [R, H]
         scores = torch.rand(rows, cfg.num_experts, generator=g)
-        ids = scores.topk(cfg.top_k, dim=-1).indices.to(device)  # [R, k]
+        ids = scores.topk(cfg.top_k, dim=-1).indices  # [R, k]
+        ids = torch.where(torch.isin(ids, torch.tensor(held)), ids, -1).to(device)
         weights = torch.rand(rows, cfg.top_k, generator=g).to(device, dtype)  # [R, k]
         out.append((x, ids, weights))
     return out
@@ -75,7 +79,7 @@ def main(argv=None) -> None:
     with torch.inference_mode():
         for rows in a.rows:
             for m in a.gateways:
-                parts = exchanges(cfg, m, rows, device, dtype)
+                parts = exchanges(cfg, m, rows, device, dtype, experts)
 
                 def separately(parts=parts):
                     for x, ids, w in parts:

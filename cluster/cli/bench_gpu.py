@@ -175,7 +175,7 @@ class StaticDecode:
     def __init__(self, engine: LLMEngine):
         self.model, self.kv = engine.model, engine.kv
         self.shards = [  # per shard: g2l, {layer: (w13 [E, 2I, H], w2 [E, H, I])}
-            (s._g2l.to(engine.device), {layer: s.stacked(layer) for layer in s.weights})
+            (s._held.g2l.to(engine.device), {layer: s.stacked(layer) for layer in s.weights})
             for s in engine.dispatcher.shards
         ]
 

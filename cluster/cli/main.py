@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import ServeArgs, builtin_model_dir
 from .args import BenchEngineArgs, GenerateArgs, TinyArgs, add_args, parse
+from .bench_eplb import BenchEplbArgs
 from .bench_serve import BenchServeArgs
 from .bench_soak import SoakArgs
 from .chat import ChatArgs, run_chat
@@ -180,6 +181,15 @@ def cmd_bench_engine(a: BenchEngineArgs) -> int:
     return 0
 
 
+def cmd_bench_eplb(a) -> int:
+    from .bench_eplb import bench_eplb
+
+    if a.model:  # default: a medium random checkpoint with hot experts, made on the fly
+        checked_model(a.model)
+    bench_eplb(a)
+    return 0
+
+
 def cmd_bench_soak(a) -> int:
     from .bench_soak import bench_soak
 
@@ -252,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
         "latency (TTFT, inter-token, end-to-end) and throughput of the HTTP API by concurrency",
         BenchServeArgs,
         cmd_bench_serve,
+    )
+    _command(
+        bench,
+        "eplb",
+        "expert load balancing on a checkpoint with hot experts: per-worker load and decode "
+        "throughput before and after moving the experts",
+        BenchEplbArgs,
+        cmd_bench_eplb,
     )
     _command(
         bench,

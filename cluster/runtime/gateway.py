@@ -23,12 +23,14 @@ from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.ernie.devices import resolve_device
 from expertmesh.ernie.image import ImageInputs, ImageSettings
-from expertmesh.router.dispatch import time_exchange
+from expertmesh.router.dispatch import ExchangeLoad, time_exchange
 from expertmesh.router.engine import LLMEngine
 from expertmesh.router.events import ErrorKind, TokenEvent, error_event
 from expertmesh.router.loop import EngineLoop
 from expertmesh.router.model import GatewayModel
+from expertmesh.router.rebalance import Rebalancer
 from expertmesh.router.sampling import SamplingParams
+from expertmesh.workers.placement import ExpertPlacement
 
 from ..config import ClusterConfig
 from .links import make_link
@@ -69,7 +71,15 @@ class Gateway:
             model = GatewayModel.load(reader, self.model_cfg, dtype, self.device)
         dispatcher = self.link.connect(self.model_cfg, dtype, self.device)
         images = ImageSettings.from_dir(cfg.model)
-        self.loop = EngineLoop(LLMEngine(model, dispatcher, self.model_cfg, engine_cfg, images))
+        engine = LLMEngine(model, dispatcher, self.model_cfg, engine_cfg, images)
+        self.rebalancer = Rebalancer(
+            dispatcher,
+            self.link.hold,
+            lambda: engine.expert_counts,
+            cfg.rebalance_period_s,
+            cfg.redundant_experts,
+        )
+        self.loop = EngineLoop(engine, self.rebalancer)
         self._probe: tuple[float, bool] = (0.0, True)  # (when, workers answered)
         self._channels: dict[str, _Channel] = {}
         self._done: dict[str, asyncio.Event] = {}  # request id -> set when its last event is out
@@ -281,6 +291,34 @@ class Gateway:
         return {
             r: time_exchange(engine.dispatcher, self.model_cfg, r, repeats, dtype) for r in rows
         }
+
+    def expert_load(self, reset: bool = False) -> dict:
+        """The current placement (each expert's workers) and what the exchanges since the
+        last reset sent each worker (`ExchangeLoad.snapshot`); `reset` starts a new count."""
+        dispatcher = self.loop.engine.dispatcher
+        copies = [list(c) for c in dispatcher.placement.copies]
+        out = {"copies": copies, "moves": self.rebalancer.moves, **dispatcher.load.snapshot()}
+        if reset:
+            dispatcher.load = ExchangeLoad(dispatcher.placement.num_shards)
+        return out
+
+    def move_experts(self, copies: list[list[int]] | None = None, timeout_s: float = 600) -> dict:
+        """Move the experts live to the placement `copies` (each expert's workers), or to
+        the balanced one for the load since the last look (none if it gains too little);
+        returns `expert_load()` once the move is done."""
+
+        def start():
+            if copies is None:
+                target = self.rebalancer.propose()
+            else:
+                n = self.loop.engine.dispatcher.placement.num_shards
+                target = ExpertPlacement.from_copies(copies, n)
+            return None if target is None else self.rebalancer.move_to(target)
+
+        moving = self.loop.call(start).result(timeout_s)
+        if moving is not None:
+            moving.result(timeout_s)
+        return self.expert_load()
 
     def shutdown(self) -> None:
         self.loop.stop()

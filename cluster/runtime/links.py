@@ -4,6 +4,10 @@ A link connects (builds the transport's `Dispatcher` once the workers are up), r
 after workers were restarted (a new gRPC channel to the new address; a new collective group
 over all ranks, since gloo and NCCL cannot replace a rank) and closes. The gateway and the
 worker set never ask which transport they have: they ask the link.
+
+Load balancing moves experts between workers (`hold`, run by the gateway's `Rebalancer`); a
+worker restarted by Ray comes back with the experts it was created with, so after a restart,
+and when it connects, the link gives each worker the experts of the dispatcher's placement.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.router.dispatch import Dispatcher, LocalDispatcher, WorkerFailure
+from expertmesh.router.rebalance import shard_holder
 from expertmesh.workers.experts import ExpertShard
 from expertmesh.workers.placement import ExpertPlacement
 
@@ -50,6 +55,7 @@ class Link(ABC):
     def connect(self, model_cfg: ModelConfig, dtype: torch.dtype, device: str) -> Dispatcher:
         """Wait for the workers, then the dispatcher that reaches them (recovering on failure)."""
         self.workers.wait_ready()
+        self._give_experts(set(range(len(self.workers.actors))))  # a pool that moved them
         self.dispatcher = self._dispatcher()
         self.dispatcher.recover = self.recover
         return self.dispatcher
@@ -58,8 +64,25 @@ class Link(ABC):
         """Wait until the failed workers are back (Ray restarts them), then reconnect."""
         log.warning("recovering from %s", failure)
         self.workers.await_restarts(failure.workers)
+        self._give_experts(failure.workers)
         self._reconnect(failure.workers)
         log.warning("workers %s are back", sorted(failure.workers))
+
+    def hold(self, lists: list[list[int]]) -> None:
+        """Worker w holds exactly lists[w] when this returns (a phase of an expert move)."""
+        refs = [a.hold_experts.remote(e) for a, e in zip(self.workers.actors, lists, strict=True)]
+        for w, info in enumerate(ray.get(refs, timeout=self.cfg.restart_timeout_s)):
+            self.workers.infos[w] = info
+
+    def _give_experts(self, workers: set[int]) -> None:
+        """Have each of `workers` hold its experts of the current placement, if it does not."""
+        placement = self.dispatcher.placement if self.dispatcher else self.placement
+        for w in sorted(workers):
+            want = placement.experts_of(w)
+            if sorted(self.workers.infos[w]["experts"]) != want:
+                log.info("worker %d: giving it experts %s", w, want)
+                ref = self.workers.actors[w].hold_experts.remote(want)
+                self.workers.infos[w] = ray.get(ref, timeout=self.cfg.restart_timeout_s)
 
     def close(self) -> None:
         if self.dispatcher is not None:
@@ -91,6 +114,9 @@ class LocalLink(Link):
             ]
         self.dispatcher = LocalDispatcher(self.placement, shards)
         return self.dispatcher
+
+    def hold(self, lists: list[list[int]]) -> None:
+        shard_holder(self.dispatcher.shards, self.cfg.model)(lists)
 
     def _dispatcher(self) -> Dispatcher:
         raise AssertionError("LocalLink builds its dispatcher in connect()")
