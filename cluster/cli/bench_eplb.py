@@ -10,7 +10,8 @@ one with `--redundant-experts` copies. Every switch between them is a live move 
 between two steps, drop), as `--rebalance-period-s` makes them; the placements take turns
 within every repeat, so a busy neighbour slows all of them alike. Decode time per step is
 (a `tokens` run - a one-token run) / (tokens - 1), medians over the repeats, as in
-`bench engine`.
+`bench engine`. Throughput can only gain where the workers compute in parallel (`grpc`,
+`collective`): in-process (`local`) the shards compute one after the other.
 """
 
 from __future__ import annotations
@@ -144,14 +145,14 @@ def _measure(a: BenchEplbArgs, engine, side, shown: dict, prompts: dict) -> dict
     out = {}
     for k in full:
         step = (statistics.median(full[k]) - statistics.median(one[k])) / (a.tokens - 1)
-        out[k] = {"step_s": step, **decode_load(*loads[k], a.workers)}
+        out[k] = {"step_s": step, **decode_load(*loads[k], a.workers, a.tokens - 1)}
     return out
 
 
-def decode_load(whole: dict, prefill: dict, workers: int) -> dict:
-    """Max/mean rows and pairs per exchange of the decode steps: a run's counts less its
-    prefill's (the one-token run's)."""
-    out = {}
+def decode_load(whole: dict, prefill: dict, workers: int, steps: int) -> dict:
+    """Max/mean rows and pairs per exchange of the decode steps, and their exchanges' time
+    per step: a run's counts less its prefill's (the one-token run's)."""
+    out = {"exchange_s": (whole["seconds"] - prefill["seconds"]) / steps}
     for what in ("rows", "pairs"):
         total = sum(whole[what]) - sum(prefill[what])
         most = whole[f"max_{what}"] - prefill[f"max_{what}"]
@@ -170,16 +171,18 @@ def _print(a: BenchEplbArgs, path: Path, shown: dict, results: dict) -> None:
         f"tokens={a.tokens} prompt={a.prompt_len} repeats={a.repeats}"
     )
     print(
-        "| placement | batch | rows max/mean | pairs max/mean | step ms | tok/s | vs contiguous |"
+        "| placement | batch | rows max/mean | pairs max/mean | MoE exchanges ms/step "
+        "| step ms | tok/s | vs contiguous |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for b in a.batch:
         base = results["contiguous", b]["step_s"]
         for name in shown:
             r = results[name, b]
             print(
                 f"| {name} | {b} | {r['rows_max_over_mean']:.2f} | "
-                f"{r['pairs_max_over_mean']:.2f} | {1e3 * r['step_s']:.1f} | "
+                f"{r['pairs_max_over_mean']:.2f} | {1e3 * r['exchange_s']:.1f} | "
+                f"{1e3 * r['step_s']:.1f} | "
                 f"{b / r['step_s']:.1f} | {base / r['step_s']:.2f}x |"
             )
     print()
