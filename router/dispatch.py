@@ -14,6 +14,7 @@ lives on the gateway, so a lost exchange is simply repeated. A hook that gives u
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class Pending:
     num_tokens: int
     parts: dict[int, WorkerRows]
     handle: Any
+    started: float = 0.0  # perf_counter() when the exchange was dispatched
 
 
 class WorkerFailure(RuntimeError):
@@ -98,10 +100,12 @@ def add_results(pending: Pending, results: dict[int, torch.Tensor], like: torch.
 
 class ExchangeLoad:
     """What the exchanges sent each worker: rows (tokens) and (token, expert) pairs, summed,
-    and the busiest worker's, summed over exchanges (a layer waits for its busiest worker)."""
+    and the busiest worker's, summed over exchanges (a layer waits for its busiest worker);
+    and the exchanges' time from dispatch until combine had the answers."""
 
     def __init__(self, num_workers: int):
         self.num_workers = num_workers
+        self.seconds = 0.0
         self.exchanges = 0
         self.rows = [0] * num_workers
         self.pairs = [0] * num_workers
@@ -123,6 +127,7 @@ class ExchangeLoad:
             return most * self.num_workers / sum(total) if sum(total) else 1.0
 
         return {
+            "seconds": self.seconds,
             "exchanges": self.exchanges,
             "rows": list(self.rows),
             "pairs": list(self.pairs),
@@ -161,7 +166,7 @@ class Dispatcher(ABC):
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> Pending:
         """Send the rows; may return before the answers arrive."""
-        n = self.placement.num_shards
+        started, n = time.perf_counter(), self.placement.num_shards
         if self._sole is not None and x.shape[0]:  # every row goes there whole: no split
             rows = torch.arange(x.shape[0], device=x.device)  # [T]
             parts = {self._sole: WorkerRows(rows, x, expert_ids, weights)}
@@ -176,13 +181,15 @@ class Dispatcher(ABC):
             parts = split_by_worker(x, expert_ids, weights, shard_of, used)
         if x.shape[0]:
             self.load.add([len(parts[w].rows) if w in parts else 0 for w in range(n)], pairs)
-        return Pending(layer, x.shape[0], parts, self._send(layer, parts))
+        return Pending(layer, x.shape[0], parts, self._send(layer, parts), started)
 
     def combine(self, pending: Pending, like: torch.Tensor) -> torch.Tensor:
         """Wait for the answers and sum them: [T, H]. Recovers and re-sends on failure."""
         for attempt in range(self.max_recoveries + 1):
             try:
-                return add_results(pending, self._receive(pending), like)
+                out = add_results(pending, self._receive(pending), like)
+                self.load.seconds += time.perf_counter() - pending.started
+                return out
             except WorkerFailure as failure:
                 if self.recover is None or attempt == self.max_recoveries:
                     raise WorkerUnavailable(str(failure)) from failure
@@ -222,7 +229,6 @@ class LocalDispatcher(Dispatcher):
 def time_exchange(dispatcher: Dispatcher, model_cfg, rows: int, repeats: int, dtype) -> float:
     """Median seconds of one MoE-layer exchange of `rows` tokens with random routing."""
     import statistics
-    import time
 
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, model_cfg.hidden_size, generator=g).to(dtype)  # [rows, H]

@@ -244,9 +244,19 @@ def test_requests_running_through_a_move_get_the_same_tokens(make_checkpoint):
         period_s=0.05,
         redundant=2,
     )
+    move_to = rebalancer.move_to
+
+    def once(target):  # one move in this test, however slow the machine makes the steps
+        rebalancer.period_s = 0
+        return move_to(target)
+
+    rebalancer.move_to = once
     loop = EngineLoop(engine, rebalancer)
     try:
         got = run_loop(loop, prompts, params)
+        deadline = time.monotonic() + 30
+        while rebalancer.busy and time.monotonic() < deadline:  # the drop, if still going
+            time.sleep(0.01)
     finally:
         loop.stop()
     assert got == [o.token_ids for o in want]

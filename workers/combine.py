@@ -11,6 +11,7 @@ time per worker: the shard's torch threads are the worker's compute.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -58,12 +59,13 @@ class Combiner:
     def compute(self, layer: int, parts: list[tuple]) -> list[torch.Tensor]:
         """Exchanges (x [n, H], ids [n, k], weights [n, k]) of one layer in one computation;
         their results [n, H], in order."""
+        started = time.perf_counter()
         if len(parts) == 1:
             out = [self.shard.forward(layer, *parts[0])]
         else:
             x, ids, weights = (torch.cat(t) for t in zip(*parts))  # [sum n, H], [sum n, k] x2
             out = list(self.shard.forward(layer, x, ids, weights).split([len(p[0]) for p in parts]))
-        self.stats.add(sum(len(p[0]) for p in parts), len(parts))
+        self.stats.add(sum(len(p[0]) for p in parts), len(parts), time.perf_counter() - started)
         return out
 
     def _run(self, layer: int, batch: list[_Job]) -> None:

@@ -10,7 +10,8 @@ one with `--redundant-experts` copies. Every switch between them is a live move 
 between two steps, drop), as `--rebalance-period-s` makes them; the placements take turns
 within every repeat, so a busy neighbour slows all of them alike. Decode time per step is
 (a `tokens` run - a one-token run) / (tokens - 1), medians over the repeats, as in
-`bench engine`.
+`bench engine`. Throughput can only gain where the workers compute in parallel (`grpc`,
+`collective`): in-process (`local`) the shards compute one after the other.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class _InProcess:
         n = self.engine.dispatcher.placement.num_shards
         self.rebalancer.move_now(ExpertPlacement.from_copies(copies, n))
 
+    def compute(self) -> list[float] | None:
+        return None  # the shards compute one after the other in this thread: not measured
+
 
 class _Gateway:
     """The same through a gateway actor (its engine loop makes the moves)."""
@@ -90,6 +94,10 @@ class _Gateway:
 
     def move(self, copies: list[list[int]]) -> None:
         self.get(self.actor.move_experts.remote(copies))
+
+    def compute(self) -> list[float]:
+        """Each worker's seconds of expert computation so far (its own count)."""
+        return [i["compute_s"] for i in self.get(self.actor.worker_infos.remote())]
 
 
 def placements(load: list[int], initial: list[list[int]], workers: int, redundant: int) -> dict:
@@ -126,32 +134,40 @@ def bench_eplb(a: BenchEplbArgs) -> dict:
 
 
 def _measure(a: BenchEplbArgs, engine, side, shown: dict, prompts: dict) -> dict:
-    """(placement, batch) -> decode step seconds, and the busiest worker over the mean
-    worker in its decode exchanges (those of a full run less those of the one-token run)."""
+    """(placement, batch) -> decode step seconds, and its decode exchanges (`decode_load`)."""
     full = {(p, b): [] for p in shown for b in a.batch}
     one = {k: [] for k in full}
-    loads = {}
+    loads = {k: [] for k in full}
     for _ in range(a.repeats):
         for name, copies in shown.items():
             side.move(copies)  # a live move, as a rebalancing period makes it
             for b in a.batch:
                 run = engine_run(engine, prompts[b])
                 side.load(reset=True)
+                c0 = side.compute()
                 full[name, b].append(_time(run, a.tokens))
-                whole = side.load(reset=True)
+                whole, c1 = side.load(reset=True), side.compute()
                 one[name, b].append(_time(run, 1))
-                loads[name, b] = (whole, side.load())
+                loads[name, b].append((whole, side.load(), c0, c1, side.compute()))
     out = {}
     for k in full:
         step = (statistics.median(full[k]) - statistics.median(one[k])) / (a.tokens - 1)
-        out[k] = {"step_s": step, **decode_load(*loads[k], a.workers)}
+        runs = [decode_load(*run, a.workers, a.tokens - 1) for run in loads[k]]
+        out[k] = {"step_s": step, **runs[0]}  # the counts: the same in every repeat
+        for t in ("exchange_s", "busiest_s"):  # the times: medians
+            if runs[0][t] is not None:
+                out[k][t] = statistics.median(r[t] for r in runs)
     return out
 
 
-def decode_load(whole: dict, prefill: dict, workers: int) -> dict:
-    """Max/mean rows and pairs per exchange of the decode steps: a run's counts less its
-    prefill's (the one-token run's)."""
-    out = {}
+def decode_load(whole, prefill, c0, c1, c2, workers: int, steps: int) -> dict:
+    """Per decode step: max/mean rows and pairs per exchange, the exchanges' time, and the
+    busiest worker's expert computation time (a run's counts less its prefill's, the
+    one-token run's; c0, c1, c2: the workers' compute seconds before, between, after)."""
+    out = {"exchange_s": (whole["seconds"] - prefill["seconds"]) / steps, "busiest_s": None}
+    if c0 is not None:
+        decode = [(b - a) - (c - b) for a, b, c in zip(c0, c1, c2)]
+        out["busiest_s"] = max(decode) / steps
     for what in ("rows", "pairs"):
         total = sum(whole[what]) - sum(prefill[what])
         most = whole[f"max_{what}"] - prefill[f"max_{what}"]
@@ -170,16 +186,19 @@ def _print(a: BenchEplbArgs, path: Path, shown: dict, results: dict) -> None:
         f"tokens={a.tokens} prompt={a.prompt_len} repeats={a.repeats}"
     )
     print(
-        "| placement | batch | rows max/mean | pairs max/mean | step ms | tok/s | vs contiguous |"
+        "| placement | batch | rows max/mean | pairs max/mean | busiest worker's experts "
+        "ms/step | MoE exchanges ms/step | step ms | tok/s | vs contiguous |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for b in a.batch:
         base = results["contiguous", b]["step_s"]
         for name in shown:
             r = results[name, b]
+            busiest = "-" if r["busiest_s"] is None else f"{1e3 * r['busiest_s']:.1f}"
             print(
                 f"| {name} | {b} | {r['rows_max_over_mean']:.2f} | "
-                f"{r['pairs_max_over_mean']:.2f} | {1e3 * r['step_s']:.1f} | "
+                f"{r['pairs_max_over_mean']:.2f} | {busiest} | {1e3 * r['exchange_s']:.1f} | "
+                f"{1e3 * r['step_s']:.1f} | "
                 f"{b / r['step_s']:.1f} | {base / r['step_s']:.2f}x |"
             )
     print()
