@@ -90,9 +90,26 @@ def test_serve_flags_reach_the_cluster_config(argv, field, value):
 
 
 def test_engine_config_is_derived_from_the_cluster_config():
+
     cfg = ClusterConfig(model="m", block_size=32, max_tokens_per_step=100, kv_cache_tokens=512)
     e = cfg.engine_config("cpu")
     assert (e.block_size, e.max_tokens_per_step, e.kv_cache_tokens) == (32, 100, 512)
+
+
+@pytest.mark.parametrize(
+    "fields, gateways, cores, threads",
+    [
+        (dict(transport="local"), 1, 2, 1),  # one core left to the HTTP side and Ray
+        (dict(transport="local"), 1, 16, 15),
+        (dict(transport="local"), 2, 16, 7),
+        (dict(transport="grpc", workers=2), 1, 2, 1),  # never below one
+        (dict(transport="grpc", workers=2), 1, 16, 5),
+        (dict(transport="local", gateway_threads=4), 1, 2, 4),  # given: kept
+    ],
+)
+def test_gateway_threads_default_leaves_a_core_to_the_rest(fields, gateways, cores, threads):
+    cfg = ClusterConfig(model="m", **fields)
+    assert cfg.gateway_torch_threads(gateways, cores) == threads
 
 
 def test_generate_flags_are_cluster_fields_too():

@@ -59,7 +59,7 @@ class Gateway:
         gateways: how many gateway replicas share them at most (to divide the GPUs)."""
         cfg = ClusterConfig.model_validate(cfg)
         self.cfg = cfg
-        torch.set_num_threads(cfg.gateway_threads)
+        torch.set_num_threads(cfg.gateway_torch_threads(gateways))
         self.device = resolve_device(cfg.device, gpu_assigned=bool(ray.get_gpu_ids()))
         self.model_cfg = ModelConfig.from_dir(cfg.model)
         placement = cfg.placement(self.model_cfg)
