@@ -43,6 +43,7 @@ def build_step(
         kv_slots=kv_slots.to(device),
         mask=mask[:, None].to(device),
         last_index=(offsets + q_len - 1).to(device),
+        decode=qmax == 1,
     )
     return torch.tensor(ids, dtype=torch.long, device=device), meta
 

@@ -271,10 +271,13 @@ class LLMEngine:
         return events
 
     def _count_routing(self) -> None:
-        for i, ids in enumerate(self.model.routing()):  # ids: [T, k]
-            self.expert_counts[i] += torch.bincount(
-                ids.flatten().cpu(), minlength=self.model_cfg.num_experts
-            )
+        routing = self.model.routing()  # per MoE layer: ids [T, k]
+        if not routing:
+            return
+        e = self.model_cfg.num_experts
+        ids = torch.stack(routing).flatten(1).cpu()  # [L, T*k]
+        ids = ids + e * torch.arange(len(routing))[:, None]  # layer i's ids -> i*E + id
+        self.expert_counts += torch.bincount(ids.flatten(), minlength=len(routing) * e).view(-1, e)
 
     def _routing(self, reqs: list[_Request], last_index: torch.Tensor, rows: list[int]) -> list:
         if not any(r.params.return_routed_experts for r in reqs):

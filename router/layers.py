@@ -25,6 +25,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; the variance in fp32, as the reference does
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one op, same math
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -44,12 +46,18 @@ class Rotary(nn.Module):
         return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, D]; pairs are adjacent elements; computed in fp32
-    xf = x.float().unflatten(-1, (-1, 2))  # [T, heads, D/2, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos, sin: [T, 1, D/2] -> the same rotations as unit complex numbers [T, 1, D/2]
+    (complex64), made once per step for every layer's `apply_rotary`."""
+    return torch.complex(cos.float(), sin.float())
+
+
+def apply_rotary(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D], pairs (x[2i], x[2i+1]) adjacent; rot: [T, 1, D/2] complex64.
+    # (x0 + i x1)(cos + i sin) = (x0 cos - x1 sin) + i (x1 cos + x0 sin), in fp32: one complex
+    # multiply rather than a dozen elementwise ops (a decode step is short of compute, not of ops)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [T, heads, D/2]
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -84,6 +92,7 @@ class AttnMeta:
     kv_slots: torch.Tensor  # [B, Lmax] cache slots of each sequence's context
     mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True where attention is allowed
     last_index: torch.Tensor  # [B] index into T of each sequence's last token this step
+    decode: bool = False  # one new token per sequence (T == B, Qmax == 1): no q gather needed
 
 
 class Attention(nn.Module):
@@ -100,7 +109,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttnMeta,
@@ -111,17 +120,22 @@ class Attention(nn.Module):
         q = q.reshape(t, self.heads, self.head_dim)
         k = k.reshape(t, self.kv_heads, self.head_dim)
         v = v.reshape(t, self.kv_heads, self.head_dim)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)  # rope: `rotation`'s [T, 1, D/2]
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
-        qp = q[meta.q_index].transpose(1, 2)  # [B, heads, Qmax, D]
+        if meta.decode:  # token b is sequence b's only query: no gather, no scatter back
+            qp = q[:, :, None]  # [B, heads, 1, D]
+        else:
+            qp = q[meta.q_index].transpose(1, 2)  # [B, heads, Qmax, D]
         kp = k_cache[meta.kv_slots].transpose(1, 2).to(q.dtype)  # [B, kv_heads, Lmax, D]
         vp = v_cache[meta.kv_slots].transpose(1, 2).to(q.dtype)
         with _sdpa_backends(qp.device):
             out = F.scaled_dot_product_attention(
                 qp, kp, vp, attn_mask=meta.mask, enable_gqa=self.heads != self.kv_heads
             )
+        if meta.decode:
+            return self.o_proj(out.reshape(t, self.heads * self.head_dim))  # [T, H]
         out = out.transpose(1, 2)[meta.q_valid]  # [T, heads, D]
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))  # [T, H]
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .dispatch import Dispatcher
 from .gate import ModalGate, Statics, route
-from .layers import MLP, Attention, AttnMeta, RMSNorm, Rotary
+from .layers import MLP, Attention, AttnMeta, RMSNorm, Rotary, rotation
 from .mrope import MRotary
 from .multimodal import MultimodalStep
 from .vision import Resampler, VisionTower, axial_inv_freq
@@ -122,12 +122,16 @@ class GatewayModel(nn.Module):
             if mm.image_rows is not None:
                 x = x.index_copy(0, mm.image_rows, mm.image_embeds.to(x.dtype))
             positions, vision = mm.rope_positions, mm.vision  # [3, T], [T] or None
-        rope = self.rotary(positions)
+        rope = self.rope(positions)
         k_cache, v_cache = kv
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rope, k_cache[i], v_cache[i], meta, dispatcher, vision)
         x = self.model.norm(x[meta.last_index])  # [B, H]
         return self.lm_head(x).float()  # [B, V]
+
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions: [T] or [3, T] (VL) -> each token's rotations [T, 1, D/2] (complex64)."""
+        return rotation(*self.rotary(positions))
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -194,8 +194,8 @@ class ExpertShard:
         w13, w2 = held.mixed.get(layer) or held.weights[layer]
         g2l = held.g2l.to(expert_ids.device)
         local = g2l[expert_ids]  # -1 indexes the last entry, which is -1
-        missing = (local < 0) & (expert_ids >= 0)  # [N, k]
-        if missing.any():  # a placement this shard has not caught up with: never drop rows
+        missing = None if held.complete else (local < 0) & (expert_ids >= 0)  # [N, k]
+        if missing is not None and missing.any():  # a placement this shard has not caught up with: never drop rows
             raise ValueError(
                 f"experts {sorted(set(expert_ids[missing].tolist()))} are not held here "
                 f"(this shard holds {held.experts})"
@@ -255,6 +255,7 @@ class _Held:
     weights: dict  # layer -> (w13, w2) of the text experts
     vision_weights: dict  # layer -> (w13, w2) of the vision experts (their own width)
     mixed: dict  # layer -> per-expert lists, text then vision, as grouped_swiglu takes both
+    complete: bool = False  # every expert is held: no routed expert can be missing here
 
     @classmethod
     def of(cls, cfg: ModelConfig, experts, weights: dict, vision_weights: dict) -> _Held:
@@ -266,7 +267,8 @@ class _Held:
         mixed = {
             layer: tuple([*a, *b] for a, b in zip(weights[layer], v)) for layer, v in vision.items()
         }
-        return cls(experts, g2l, weights, vision, mixed)
+        complete = bool((g2l[:-1] >= 0).all())
+        return cls(experts, g2l, weights, vision, mixed, complete)
 
 
 def compute_form(w13, w2) -> tuple:

@@ -189,7 +189,7 @@ class StaticDecode:
     def __call__(self, input_ids: torch.Tensor, meta) -> torch.Tensor:
         m, (k_cache, v_cache) = self.model, self.kv
         x = m.model.embed_tokens(input_ids)  # [B, H]
-        rope = m.rotary(meta.positions)
+        rope = m.rope(meta.positions)
         for i, layer in enumerate(m.model.layers):
             x = x + layer.self_attn(layer.input_layernorm(x), rope, k_cache[i], v_cache[i], meta)
             h = layer.post_attention_layernorm(x)
