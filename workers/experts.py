@@ -195,9 +195,8 @@ class ExpertShard:
         g2l = held.g2l.to(expert_ids.device)
         local = g2l[expert_ids]  # -1 indexes the last entry, which is -1
         missing = None if held.complete else (local < 0) & (expert_ids >= 0)  # [N, k]
-        if (
-            missing is not None and missing.any()
-        ):  # a placement this shard has not caught up with: never drop rows
+        # a placement this shard has not caught up with: never drop rows
+        if missing is not None and missing.any():
             raise ValueError(
                 f"experts {sorted(set(expert_ids[missing].tolist()))} are not held here "
                 f"(this shard holds {held.experts})"
