@@ -78,21 +78,30 @@ class MLP(nn.Module):
 
 
 @dataclass
+class AttnGroup:
+    """Sequences of a step whose attention is one padded SDPA call: Bg sequences, Qmax the
+    most new tokens of one of them, Lmax the longest context (cached + new)."""
+
+    q_index: torch.Tensor  # [Bg, Qmax] index into T (padding points at a real token)
+    q_valid: torch.Tensor  # [Bg, Qmax] bool
+    kv_slots: torch.Tensor  # [Bg, Lmax] cache slots of each sequence's context
+    mask: torch.Tensor  # [Bg, 1, Qmax, Lmax] bool, True where attention is allowed
+    tokens: torch.Tensor | None  # [Tg] = q_index[q_valid]; None: the group is all T, in order
+    decode: bool = False  # one new token per sequence (Qmax == 1): no gather, no scatter back
+
+
+@dataclass
 class AttnMeta:
     """Where a step's tokens sit in the paged KV cache; built once per step, used by all layers.
 
-    The step's T tokens are ordered by sequence; B sequences; Qmax the most new tokens of
-    one sequence, Lmax the longest context (cached + new).
+    The step's T tokens are ordered by sequence (B sequences); `groups` split them for
+    attention (decoding sequences apart from prompt chunks, `attention_metadata.build_step`).
     """
 
     positions: torch.Tensor  # [T] position of each token in its sequence
     slot_mapping: torch.Tensor  # [T] cache slot where each token's k/v is written
-    q_index: torch.Tensor  # [B, Qmax] index into T (padding points at 0)
-    q_valid: torch.Tensor  # [B, Qmax] bool
-    kv_slots: torch.Tensor  # [B, Lmax] cache slots of each sequence's context
-    mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True where attention is allowed
     last_index: torch.Tensor  # [B] index into T of each sequence's last token this step
-    decode: bool = False  # one new token per sequence (T == B, Qmax == 1): no q gather needed
+    groups: list[AttnGroup]
 
 
 class Attention(nn.Module):
@@ -124,20 +133,29 @@ class Attention(nn.Module):
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
-        if meta.decode:  # token b is sequence b's only query: no gather, no scatter back
-            qp = q[:, :, None]  # [B, heads, 1, D]
+        if len(meta.groups) == 1 and meta.groups[0].tokens is None:
+            out = self._attend(q, k_cache, v_cache, meta.groups[0])  # [T, heads, D]
         else:
-            qp = q[meta.q_index].transpose(1, 2)  # [B, heads, Qmax, D]
-        kp = k_cache[meta.kv_slots].transpose(1, 2).to(q.dtype)  # [B, kv_heads, Lmax, D]
-        vp = v_cache[meta.kv_slots].transpose(1, 2).to(q.dtype)
+            out = q.new_empty(q.shape)  # [T, heads, D]
+            for g in meta.groups:
+                out[g.tokens] = self._attend(q, k_cache, v_cache, g)
+        return self.o_proj(out.reshape(t, self.heads * self.head_dim))  # [T, H]
+
+    def _attend(self, q, k_cache, v_cache, g: AttnGroup) -> torch.Tensor:
+        # q: [T, heads, D] -> [Tg, heads, D], the group's tokens in q_valid order
+        if g.decode:  # one query per sequence: its token, no padding
+            qp = (q if g.tokens is None else q[g.tokens])[:, :, None]  # [Bg, heads, 1, D]
+        else:
+            qp = q[g.q_index].transpose(1, 2)  # [Bg, heads, Qmax, D]
+        kp = k_cache[g.kv_slots].transpose(1, 2).to(q.dtype)  # [Bg, kv_heads, Lmax, D]
+        vp = v_cache[g.kv_slots].transpose(1, 2).to(q.dtype)
         with _sdpa_backends(qp.device):
             out = F.scaled_dot_product_attention(
-                qp, kp, vp, attn_mask=meta.mask, enable_gqa=self.heads != self.kv_heads
-            )
-        if meta.decode:
-            return self.o_proj(out.reshape(t, self.heads * self.head_dim))  # [T, H]
-        out = out.transpose(1, 2)[meta.q_valid]  # [T, heads, D]
-        return self.o_proj(out.reshape(t, self.heads * self.head_dim))  # [T, H]
+                qp, kp, vp, attn_mask=g.mask, enable_gqa=self.heads != self.kv_heads
+            )  # [Bg, heads, Qmax, D]
+        if g.decode:
+            return out[:, :, 0]  # [Bg, heads, D]
+        return out.transpose(1, 2)[g.q_valid]  # [Tg, heads, D]
 
 
 # On CUDA with a boolean mask, SDPA picks cuDNN, whose per-call host cost (measured on an H100:

@@ -154,3 +154,39 @@ def test_checkpoint_written_by_transformers(tmp_path):
         assert (got - ref_logits(tmp_path, prompt)).abs().max() <= TOL
     outs = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0))
     assert [o.token_ids for o in outs] == [ref_greedy(tmp_path, p, 16) for p in prompts]
+
+
+def test_requests_joining_mid_decode_match_their_solo_runs(make_checkpoint, monkeypatch):
+    """Steps that mix decoding sequences with prompt chunks (attention in two groups) give
+    every request the logprobs of transformers on its own prefix."""
+    from expertmesh.router import engine as engine_module
+
+    groups = []
+
+    def counted(*args, **kwargs):
+        ids, meta = build_step(*args, **kwargs)
+        groups.append(len(meta.groups))
+        return ids, meta
+
+    build_step = engine_module.build_step
+    monkeypatch.setattr(engine_module, "build_step", counted)
+    path = make_checkpoint(**CONFIGS["top4of16-shared2-start2-every2"])
+    engine = LLMEngine.from_checkpoint(path, EngineConfig(block_size=4), num_shards=2)
+    prompts = prompts_of([3, 30, 1, 17], 200, seed=11)
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=1, ignore_eos=True)
+    got = {}
+    for i, prompt in enumerate(prompts):  # one joins every other step, beside running ones
+        engine.add_request(f"r{i}", prompt, params)
+        for _ in range(2):
+            for ev in engine.step():
+                got.setdefault(ev.request_id, []).append((ev.token_id, ev.logprob))
+    while engine.has_work():
+        for ev in engine.step():
+            got.setdefault(ev.request_id, []).append((ev.token_id, ev.logprob))
+    for i, prompt in enumerate(prompts):
+        tokens = [t for t, _ in got[f"r{i}"]]
+        assert tokens == ref_greedy(path, prompt, 10)
+        logp = torch.log_softmax(ref_logits(path, prompt + tokens[:-1]), -1)  # [L, V]
+        for j, (tok, lp) in enumerate(got[f"r{i}"]):
+            assert abs(float(logp[len(prompt) - 1 + j, tok]) - lp) <= TOL
+    assert 2 in groups and 1 in groups  # mixed steps were split, pure ones were not

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import linecache
 import statistics
 import tempfile
@@ -139,7 +138,7 @@ def step_bytes(engine: LLMEngine, meta, b: int) -> tuple[int, float]:
     touched = [torch.unique(ids).numel() for ids in m.routing()]
     elt = lm.element_size()
     nbytes += sum(touched) * 3 * cfg.hidden_size * cfg.moe_intermediate_size * elt
-    keys = int(meta.mask.sum())  # context tokens attended over all sequences
+    keys = sum(int(g.mask.sum()) for g in meta.groups)  # context tokens attended, all sequences
     nbytes += keys * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elt
     return nbytes, statistics.mean(touched) if touched else 0.0
 
@@ -196,14 +195,6 @@ class StaticDecode:
             mlp = layer.mlp
             x = x + (self._moe(mlp, i, h) if isinstance(mlp, MoEBlock) else mlp(h))
         return m.lm_head(m.model.norm(x[meta.last_index])).float()  # [B, V]
-
-
-def decode_meta(meta):
-    """The same AttnMeta with q_valid as an integer index (row, 0): for one query token per
-    sequence it selects what the bool mask does, without the nonzero (a host sync)."""
-    b = meta.last_index.shape[0]
-    rows = torch.arange(b, device=meta.last_index.device)
-    return dataclasses.replace(meta, q_valid=(rows, torch.zeros_like(rows)))
 
 
 def capture(fn):
@@ -415,7 +406,7 @@ def bench_batch(engine: LLMEngine, b: int, a, sync, cuda: bool, profile_it: bool
     r["finite"] = bool(torch.isfinite(ref).all())
     r["forward"] = median_time(fwd, a.steps, sync)
 
-    static, smeta = StaticDecode(engine), decode_meta(meta)
+    static, smeta = StaticDecode(engine), meta  # a decode step's meta: no bool indexing
     out = static(ids, smeta)
     r["err"] = float((out - ref).norm() / ref.norm())
     r["agree"] = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
@@ -482,7 +473,9 @@ def print_graphs(rows: list[dict], cuda: bool) -> None:
             f"| {r['batch']} | {1e3 * r['forward']:.2f} | {1e3 * r['static']:.2f} | {gs} | "
             f"{r['err']:.2e} | {100 * r['agree']:.0f}% |"
         )
-    print("\n(Static: integer q_valid in the AttnMeta; few pairs gather their experts, else all")
+    print(
+        "\n(Static: a decode step's AttnMeta (no bool indexing); few pairs gather their experts, else all"
+    )
     print("experts run on all rows. Error: bf16 sum order; a flipped near-tie expert moves a row.)")
 
 
@@ -564,12 +557,8 @@ def main(argv=None) -> list[dict]:
         start_batch(engine, 1, a, max_tokens=4)
         ids, meta = decode_inputs(engine)
         print("\n## Capturing the engine's own forward (`GatewayModel.forward`, batch 1)\n")
-        for what, am in (
-            ("build_step's AttnMeta", meta),
-            ("q_valid as (row, 0)", decode_meta(meta)),
-        ):
-            fwd = partial(engine.model, ids, am, engine.kv, engine.dispatcher)
-            print(f"- {what}: {capture_blocker(fwd)}")
+        fwd = partial(engine.model, ids, meta, engine.kv, engine.dispatcher)
+        print(f"- build_step's AttnMeta: {capture_blocker(fwd)}")
     engine.close()
     return rows
 
