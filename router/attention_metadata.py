@@ -54,9 +54,8 @@ def _group(seqs, start, q_len, offsets, tables, block_size, device, split: bool)
     """The padded attention of sequences `seqs` ([Bg] indices into the plan; None: all)."""
     if seqs is not None:
         start, q_len, offsets, tables = start[seqs], q_len[seqs], offsets[seqs], tables[seqs]
-    qmax, lmax = int(q_len.max()), int((start + q_len).max())
-    j = torch.arange(lmax)  # key positions
-    kv_slots = tables[:, j // block_size] * block_size + j % block_size  # [Bg, Lmax]
+    qmax, nblk = int(q_len.max()), -(-int((start + q_len).max()) // block_size)
+    j = torch.arange(nblk * block_size)  # key positions, up to whole blocks
     i = torch.arange(qmax)
     q_valid = i[None, :] < q_len[:, None]  # [Bg, Qmax]
     q_index = torch.where(q_valid, offsets[:, None] + i[None, :], offsets[:1, None])  # into T
@@ -66,7 +65,8 @@ def _group(seqs, start, q_len, offsets, tables, block_size, device, split: bool)
     return AttnGroup(
         q_index=q_index.to(device),
         q_valid=q_valid.to(device),
-        kv_slots=kv_slots.to(device),
+        kv_blocks=tables[:, :nblk].contiguous().to(device),
+        block_size=block_size,
         mask=mask[:, None].to(device),
         tokens=q_index[q_valid].to(device) if split else None,
         decode=qmax == 1,
