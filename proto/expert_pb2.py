@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65xpert.proto\x12\x11\x65xpertmesh.expert\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xa0\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12$\n\x01x\x18\x02 \x01(\x0b\x32\x19.expertmesh.expert.Tensor\x12-\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x19.expertmesh.expert.Tensor\x12*\n\x07weights\x18\x04 \x01(\x0b\x32\x19.expertmesh.expert.Tensor\"4\n\x0c\x46orwardReply\x12$\n\x01y\x18\x01 \x01(\x0b\x32\x19.expertmesh.expert.Tensor\"\r\n\x0bInfoRequest\"W\n\tInfoReply\x12\x13\n\x0bshard_index\x18\x01 \x01(\x05\x12\x12\n\nexpert_ids\x18\x02 \x03(\x03\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x32\xa4\x01\n\rExpertService\x12M\n\x07\x46orward\x12!.expertmesh.expert.ForwardRequest\x1a\x1f.expertmesh.expert.ForwardReply\x12\x44\n\x04Info\x12\x1e.expertmesh.expert.InfoRequest\x1a\x1c.expertmesh.expert.InfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65xpert.proto\x12\x11\x65xpertmesh.expert\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xa0\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12$\n\x01x\x18\x02 \x01(\x0b\x32\x19.expertmesh.expert.Tensor\x12-\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x19.expertmesh.expert.Tensor\x12*\n\x07weights\x18\x04 \x01(\x0b\x32\x19.expertmesh.expert.Tensor\"4\n\x0c\x46orwardReply\x12$\n\x01y\x18\x01 \x01(\x0b\x32\x19.expertmesh.expert.Tensor\"\r\n\x0bInfoRequest\"W\n\tInfoReply\x12\x13\n\x0bshard_index\x18\x01 \x01(\x05\x12\x12\n\nexpert_ids\x18\x02 \x03(\x03\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x32\xfd\x01\n\rExpertService\x12M\n\x07\x46orward\x12!.expertmesh.expert.ForwardRequest\x1a\x1f.expertmesh.expert.ForwardReply\x12W\n\rForwardStream\x12!.expertmesh.expert.ForwardRequest\x1a\x1f.expertmesh.expert.ForwardReply(\x01\x30\x01\x12\x44\n\x04Info\x12\x1e.expertmesh.expert.InfoRequest\x1a\x1c.expertmesh.expert.InfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,5 +43,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREPLY']._serialized_start=321
   _globals['_INFOREPLY']._serialized_end=408
   _globals['_EXPERTSERVICE']._serialized_start=411
-  _globals['_EXPERTSERVICE']._serialized_end=575
+  _globals['_EXPERTSERVICE']._serialized_end=664
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class ExpertServiceStub:
                 request_serializer=expert__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=expert__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/expertmesh.expert.ExpertService/ForwardStream',
+                request_serializer=expert__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=expert__pb2.ForwardReply.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/expertmesh.expert.ExpertService/Info',
                 request_serializer=expert__pb2.InfoRequest.SerializeToString,
@@ -57,6 +62,14 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardStream(self, request_iterator, context):
+        """The same exchanges on one long-lived call per gateway: one reply per request, in order.
+        What the gateway uses (a message on an open stream costs a third of a new unary call).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Readiness / health probe: who the worker is and what it holds.
         """
@@ -69,6 +82,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
+                    request_deserializer=expert__pb2.ForwardRequest.FromString,
+                    response_serializer=expert__pb2.ForwardReply.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
                     request_deserializer=expert__pb2.ForwardRequest.FromString,
                     response_serializer=expert__pb2.ForwardReply.SerializeToString,
             ),
@@ -103,6 +121,33 @@ class ExpertService:
             request,
             target,
             '/expertmesh.expert.ExpertService/Forward',
+            expert__pb2.ForwardRequest.SerializeToString,
+            expert__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/expertmesh.expert.ExpertService/ForwardStream',
             expert__pb2.ForwardRequest.SerializeToString,
             expert__pb2.ForwardReply.FromString,
             options,

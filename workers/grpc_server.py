@@ -26,6 +26,14 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self.combiner = combiner or Combiner(shard)  # concurrent calls: computed together
 
     def Forward(self, request: expert_pb2.ForwardRequest, context) -> expert_pb2.ForwardReply:
+        return self._forward(request, context)
+
+    def ForwardStream(self, requests, context):
+        """One gateway's exchanges, in order, on one call: a reply per request."""
+        for request in requests:
+            yield self._forward(request, context)
+
+    def _forward(self, request: expert_pb2.ForwardRequest, context) -> expert_pb2.ForwardReply:
         if request.layer not in self.shard.weights:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"layer {request.layer} is not MoE")
         try:
@@ -52,12 +60,14 @@ def start_expert_server(
     shard_index: int,
     host: str = "127.0.0.1",
     port: int = 0,
-    max_workers: int = 4,
+    max_workers: int = 64,
     combiner: Combiner | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve `shard` on host:port (0 picks a free port); returns the started server and its port.
 
-    Several gateways may call at once; `max_workers` bounds the concurrent Forward calls.
+    Several gateways may call at once; `max_workers` bounds the concurrent calls. Each
+    gateway's `ForwardStream` holds a thread while it is open (idle between exchanges), so the
+    pool is sized for many gateways and their reconnections, with room left for `Info`.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS
