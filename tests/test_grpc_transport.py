@@ -7,6 +7,7 @@ sees, failure detection and recovery, and stale generated stubs.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from pathlib import Path
 
@@ -250,3 +251,33 @@ def test_dead_worker_is_restarted_and_the_layer_resent(mesh):
     assert tokens(m.engine, prompts) == want
     assert failures == [{1}]
     assert m.dispatcher.info(1).shard_index == 1
+
+
+def test_hung_worker_is_cut_off_and_its_late_reply_never_read(mesh):
+    """A worker that stops answering fails the exchange at the deadline (the watchdog cancels
+    its stream); the next exchange opens a new stream, so the hung call's late reply is never
+    taken for the next layer's."""
+    m = mesh("top2of8-shared1", workers=2, timeout_s=1.0)
+    prompts = prompts_of(RAGGED, m.model_cfg.vocab_size, seed=7)
+    want = tokens(m.engine, prompts)
+    shard, release = m.shards[1], threading.Event()
+    forward, hung = shard.forward, []
+
+    def hang_once(*args):
+        if not hung:
+            hung.append(time.perf_counter())
+            release.wait(10)  # answers late, after the gateway gave up
+        return forward(*args)
+
+    shard.forward = hang_once
+    failures = []
+
+    def recover(failure):
+        failures.append((failure.workers, failure.cause, time.perf_counter() - hung[0]))
+        release.set()  # the late reply goes out on the cancelled stream
+
+    m.dispatcher.recover = recover
+    assert tokens(m.engine, prompts) == want
+    [(workers, cause, after)] = failures
+    assert workers == {1} and "DEADLINE_EXCEEDED" in cause
+    assert 0.9 <= after < 5.0
