@@ -39,6 +39,23 @@ def make_checkpoint(tmp_path_factory):
     return lambda **kw: make(**kw)
 
 
+@pytest.fixture
+def gateway():
+    """gateway(**ClusterConfig fields) -> a GatewayHandle (Ray must be up); all shut down after."""
+    from expertmesh.cluster.config import ClusterConfig
+    from expertmesh.cluster.runtime.launch import GatewayHandle
+
+    handles = []
+
+    def launch(**kw):
+        handles.append(GatewayHandle(ClusterConfig(**kw)))
+        return handles[-1]
+
+    yield launch
+    for h in handles:
+        h.shutdown()
+
+
 @functools.cache
 def reference_model(path):
     from transformers import Ernie4_5_MoeForCausalLM

@@ -15,8 +15,7 @@ import pytest
 import ray
 from conftest import CONFIGS, prompts_of
 from expertmesh.cluster.cli.engine_factory import ClusterEngine
-from expertmesh.cluster.config import ClusterConfig
-from expertmesh.cluster.runtime.launch import GatewayHandle, start_ray
+from expertmesh.cluster.runtime.launch import start_ray
 from expertmesh.router.engine import LLMEngine
 from expertmesh.router.sampling import SamplingParams
 from test_parity import ref_greedy
@@ -31,19 +30,6 @@ def ray_local():
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield
     ray.shutdown()
-
-
-@pytest.fixture
-def gateway():
-    handles = []
-
-    def launch(**kw):
-        handles.append(GatewayHandle(ClusterConfig(**kw)))
-        return handles[-1]
-
-    yield launch
-    for h in handles:
-        h.shutdown()
 
 
 def stream(actor, prompt, params: SamplingParams, on_token=None):

@@ -12,8 +12,7 @@ import time
 import pytest
 import ray
 from expertmesh.cluster.cli.engine_factory import ClusterEngine
-from expertmesh.cluster.config import ClusterConfig
-from expertmesh.cluster.runtime.launch import GatewayHandle, start_ray
+from expertmesh.cluster.runtime.launch import start_ray
 from expertmesh.router.engine import LLMEngine
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.workers.placement import ExpertPlacement
@@ -28,19 +27,6 @@ def ray_local():
     start_ray(num_cpus=16)
     yield
     ray.shutdown()
-
-
-@pytest.fixture
-def gateway():
-    handles = []
-
-    def launch(**kw):
-        handles.append(GatewayHandle(ClusterConfig(**kw)))
-        return handles[-1]
-
-    yield launch
-    for h in handles:
-        h.shutdown()
 
 
 def holdings(h) -> tuple[ExpertPlacement, list[list[int]]]:
