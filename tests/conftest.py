@@ -6,6 +6,9 @@ import os
 
 # Every Ray started by the tests stays on 127.0.0.1; Ray reads this when it is imported.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Ray waits 30 s by default for a new GCS to publish its port; a loaded 2-core CI machine
+# has taken longer (see test_two_nodes.start_cluster).
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 import functools  # noqa: E402
 

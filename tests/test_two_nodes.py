@@ -16,17 +16,43 @@ from expertmesh.router.sampling import SamplingParams
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
+def start_cluster(nodes: int, attempts: int = 3):
+    """A Ray cluster of `nodes` 2-CPU nodes on this machine, started again if Ray's start-up
+    times out. Ray waits a hard-coded 30 s for a raylet to register, and 30 s by default for
+    the GCS port file; on a loaded 2-core machine either can pass. A failed attempt's
+    processes (children of this process that the attempt started) are killed by PID."""
+    import psutil
     from ray.cluster_utils import Cluster
 
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+    me = psutil.Process()
+    for attempt in range(attempts):
+        before = {p.pid for p in me.children(recursive=True)}
+        cluster = Cluster()
+        try:
+            cluster.add_node(num_cpus=2, include_dashboard=False)
+            for _ in range(nodes - 1):
+                cluster.add_node(num_cpus=2)
+            return cluster
+        except Exception:
+            try:
+                cluster.shutdown()
+            except Exception:
+                pass
+            started = [p for p in me.children(recursive=True) if p.pid not in before]
+            for p in started:
+                p.kill()
+            psutil.wait_procs(started, timeout=10)
+            if attempt == attempts - 1:
+                raise
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
     if ray.is_initialized():
         ray.shutdown()
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep the nodes on loopback
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
-    )
-    cluster.add_node(num_cpus=2)
+    cluster = start_cluster(2)
     ray.init(address=cluster.address)
     yield cluster
     ray.shutdown()
