@@ -25,6 +25,10 @@ from pydantic import (
     model_validator,
 )
 
+# how a gateway reaches its expert workers: gRPC streams, plain TCP frames (the same exchanges
+# without gRPC's per-message thread hops), a torch.distributed all-to-all, or in-process shards
+Transport = Literal["grpc", "tcp", "collective", "local"]
+
 
 class ClusterConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -34,7 +38,7 @@ class ClusterConfig(BaseModel):
     expert_map: list[int] | None = Field(
         None, description="owner worker of each expert; default: contiguous blocks"
     )
-    transport: Literal["grpc", "collective", "local"] = Field(
+    transport: Transport = Field(
         "grpc", description="how the gateway reaches the workers; local keeps shards in-process"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -21,7 +21,7 @@ from expertmesh.router.sampling import SamplingParams
 from test_parity import ref_greedy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-TRANSPORTS = ["grpc", "collective"]
+TRANSPORTS = ["grpc", "tcp", "collective"]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -59,7 +59,7 @@ def two_nodes():
     cluster.shutdown()
 
 
-@pytest.mark.parametrize("transport", ["grpc", "collective"])
+@pytest.mark.parametrize("transport", ["grpc", "tcp", "collective"])
 def test_parity_across_two_nodes(make_checkpoint, two_nodes, transport):
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     path = make_checkpoint(**CONFIGS["top2of8-shared1"])

@@ -26,7 +26,7 @@ from expertmesh.router.sampling import SamplingParams
 from vl_reference import CASES, TOL, max_diff, prompt, ref_greedy, ref_inputs, reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-TRANSPORTS = ["grpc", "collective"]
+TRANSPORTS = ["grpc", "tcp", "collective"]
 N = 8  # tokens per case: enough to leave every prompt, cheap on 2 cores
 
 

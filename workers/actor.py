@@ -37,12 +37,21 @@ def _serve_grpc(worker: ExpertWorker) -> None:
     worker.address = f"{worker.host}:{port}"
 
 
+def _serve_tcp(worker: ExpertWorker) -> None:
+    from .tcp_server import ExpertTcpServer
+
+    worker.server = ExpertTcpServer(
+        worker.shard, worker.index, host=worker.host, combiner=worker.combiner
+    )
+    worker.address = f"{worker.host}:{worker.server.port}"
+
+
 def _serve_collective(worker: ExpertWorker) -> None:
     pass  # each gateway's group is joined by its own run_collective() call
 
 
 # how a worker is reached, per transport: started once its shard is loaded
-SERVERS = {"grpc": _serve_grpc, "collective": _serve_collective}
+SERVERS = {"grpc": _serve_grpc, "tcp": _serve_tcp, "collective": _serve_collective}
 
 
 class ExpertWorker:
@@ -69,7 +78,7 @@ class ExpertWorker:
         # every exchange, from any gateway, computes through it (and is counted there)
         self.combiner = Combiner(self.shard)
         self.host = ray.util.get_node_ip_address()
-        self.address: str | None = None  # grpc: where its server listens
+        self.address: str | None = None  # grpc, tcp: where its server listens
         # collective: one group per gateway (M gateways share this worker), by master address
         self.groups: dict[str, object] = {}
         SERVERS[transport](self)

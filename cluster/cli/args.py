@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from ..config import ClusterConfig
+from ..config import ClusterConfig, Transport
 
 
 class TinyArgs(BaseModel):
@@ -88,9 +88,7 @@ class EngineArgs(ClusterConfig):
         None, description="checkpoint directory; default: the built-in tiny model"
     )
     workers: int = Field(1, ge=1, description="expert workers (shards) to split the experts over")
-    transport: Literal["local", "grpc", "collective"] = Field(
-        "local", description="how the gateway reaches the expert workers"
-    )
+    transport: Transport = Field("local", description="how the gateway reaches the expert workers")
 
     def cluster_config(self, path: str | Path, **changes) -> ClusterConfig:
         fields = self.model_dump(include=set(ClusterConfig.model_fields))
@@ -128,7 +126,7 @@ class GenerateArgs(EngineArgs):
 
 
 class BenchEngineArgs(EngineArgs):
-    transport: list[Literal["local", "grpc", "collective"]] = Field(
+    transport: list[Transport] = Field(
         ["local"], description="transports to measure in one run (local = the in-process engine)"
     )
     batch: list[int] = Field([1, 16], description="batch sizes to measure")

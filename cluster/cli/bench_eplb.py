@@ -19,21 +19,19 @@ from __future__ import annotations
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Literal
 
 import torch
 from expertmesh.workers.placement import ExpertPlacement, balanced
 from pydantic import Field
 
+from ..config import Transport
 from .args import EngineArgs
 from .bench_engine import MEDIUM, _prompts, _time, engine_run
 from .engine_factory import open_engine
 
 
 class BenchEplbArgs(EngineArgs):
-    transport: Literal["local", "grpc", "collective"] = Field(
-        "grpc", description="how the gateway reaches the expert workers"
-    )
+    transport: Transport = Field("grpc", description="how the gateway reaches the expert workers")
     workers: int = Field(2, ge=2, description="expert workers to balance")
     redundant_experts: int = Field(
         2, ge=0, description="extra expert copies of the third placement (0: two placements)"

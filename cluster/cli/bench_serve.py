@@ -33,6 +33,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
+from ..config import Transport
 from .local_server import start_server, stop_server
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,7 @@ class BenchServeArgs(BaseModel):
     api_key: str | None = Field(None, description="API key of that server")
     model: str | None = Field(None, description="checkpoint for the server started here")
     workers: int = Field(2, ge=1, description="expert workers of the server started here")
-    transport: Literal["grpc", "collective", "local"] = Field(
-        "grpc", description="transport of the server started here"
-    )
+    transport: Transport = Field("grpc", description="transport of the server started here")
     gateways: str = Field(
         "1", pattern=r"^(auto|[1-9][0-9]*)$", description="gateways of the server started here"
     )

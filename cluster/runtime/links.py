@@ -1,7 +1,7 @@
 """How a gateway reaches its expert workers: one lifecycle object per transport.
 
 A link connects (builds the transport's `Dispatcher` once the workers are up), reconnects
-after workers were restarted (a new gRPC channel to the new address; a new collective group
+after workers were restarted (a new gRPC channel or TCP connection to the new address; a new collective group
 over all ranks, since gloo and NCCL cannot replace a rank) and closes. The gateway and the
 worker set never ask which transport they have: they ask the link.
 
@@ -139,6 +139,17 @@ class GrpcLink(Link):
             self.dispatcher.reconnect(w, self.workers.infos[w]["address"])
 
 
+class TcpLink(GrpcLink):
+    """One TCP connection per worker, made on first use; a restarted worker's new address
+    replaces the old one (the failed connection is already closed)."""
+
+    def _dispatcher(self) -> Dispatcher:
+        from expertmesh.router.tcp_dispatch import TcpDispatcher
+
+        addresses = [info["address"] for info in self.workers.infos]
+        return TcpDispatcher(self.placement, addresses, self.cfg.rpc_timeout_s)
+
+
 class CollectiveLink(Link):
     """A torch.distributed group over the gateway (rank 0) and the workers; every failure
     means a new group, which the workers join from a fresh long-running call."""
@@ -170,7 +181,12 @@ class CollectiveLink(Link):
         self.dispatcher.rebuild(port)
 
 
-LINKS: dict[str, type[Link]] = {"local": LocalLink, "grpc": GrpcLink, "collective": CollectiveLink}
+LINKS: dict[str, type[Link]] = {
+    "local": LocalLink,
+    "grpc": GrpcLink,
+    "tcp": TcpLink,
+    "collective": CollectiveLink,
+}
 
 
 def make_link(

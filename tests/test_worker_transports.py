@@ -1,12 +1,16 @@
-"""The gRPC transport: expert servers in this process on 127.0.0.1, the engine talking to them.
+"""The point-to-point transports (gRPC streams, TCP frames): expert servers in this process on
+127.0.0.1, the engine talking to them.
 
-Parity with transformers and with the in-process engine, the wire format, which rows a worker
-sees, failure detection and recovery, and stale generated stubs.
+For both: parity with transformers and with the in-process engine, which rows a worker sees,
+failure detection and recovery. Then each one's wire: gRPC's tensors, stubs and status codes;
+the TCP frames, malformed and refused ones included.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -23,9 +27,12 @@ from expertmesh.router.engine import EngineConfig, LLMEngine
 from expertmesh.router.grpc_dispatch import GrpcDispatcher
 from expertmesh.router.model import GatewayModel
 from expertmesh.router.sampling import SamplingParams
+from expertmesh.router.tcp_dispatch import TcpDispatcher, split_address
+from expertmesh.workers import frames
 from expertmesh.workers.experts import ExpertShard
 from expertmesh.workers.grpc_server import start_expert_server
 from expertmesh.workers.placement import ExpertPlacement
+from expertmesh.workers.tcp_server import ExpertTcpServer
 from expertmesh.workers.wire import tensor_from_proto, tensor_to_proto
 
 TOL = 1e-4
@@ -45,10 +52,17 @@ class RecordingShard(ExpertShard):
         return super().forward(layer, x, expert_ids, weights)
 
 
-class Mesh:
-    """Expert servers over one checkpoint's shards and a gRPC engine in front of them."""
+TRANSPORTS = ["grpc", "tcp"]
+DISPATCHERS = {"grpc": GrpcDispatcher, "tcp": TcpDispatcher}
 
-    def __init__(self, path: Path, workers: int, cfg: EngineConfig, timeout_s: float):
+
+class Mesh:
+    """Expert servers over one checkpoint's shards and an engine in front of them."""
+
+    def __init__(
+        self, path: Path, workers: int, cfg: EngineConfig, timeout_s: float, transport: str
+    ):
+        self.transport, self.path = transport, path
         self.model_cfg = ModelConfig.from_dir(path)
         self.placement = ExpertPlacement.contiguous(self.model_cfg.num_experts, workers)
         dtype = cfg.torch_dtype(self.model_cfg)
@@ -58,9 +72,10 @@ class Mesh:
                 RecordingShard(ExpertShard.load(reader, self.model_cfg, self.experts(w), dtype))
                 for w in range(workers)
             ]
-        self.servers: list[grpc.Server] = []
+        self.servers: dict[int, grpc.Server | ExpertTcpServer] = {}
+        self.stopped: list = []
         addresses = [self.serve(w) for w in range(workers)]
-        self.dispatcher = GrpcDispatcher(self.placement, addresses, timeout_s)
+        self.dispatcher = DISPATCHERS[transport](self.placement, addresses, timeout_s)
         self.engine = LLMEngine(model, self.dispatcher, self.model_cfg, cfg)
 
     def experts(self, w: int) -> list[int]:
@@ -68,24 +83,38 @@ class Mesh:
 
     def serve(self, w: int) -> str:
         """Start a new server for shard w on a free port; its address."""
-        server, port = start_expert_server(self.shards[w], w)
-        self.servers.append(server)
+        if self.transport == "grpc":
+            server, port = start_expert_server(self.shards[w], w)
+        else:
+            server = ExpertTcpServer(self.shards[w], w)
+            port = server.port
+        self.servers[w] = server
         return f"127.0.0.1:{port}"
+
+    def stop(self, w: int) -> None:
+        """Stop shard w's server at once (its connections end)."""
+        server = self.servers.pop(w)
+        self.stopped.append(server)
+        if isinstance(server, ExpertTcpServer):
+            server.stop()
+        else:
+            server.stop(0).wait()
 
     def close(self) -> None:
         self.dispatcher.close()
-        for server in self.servers:
-            server.stop(0).wait()
+        for w in list(self.servers):
+            self.stop(w)
 
 
 @pytest.fixture
 def mesh(make_checkpoint):
-    """mesh(config name, workers, EngineConfig, timeout_s) -> Mesh; all stopped afterwards."""
+    """mesh(config name, workers, EngineConfig, timeout_s, transport) -> Mesh; all stopped
+    afterwards."""
     made: list[Mesh] = []
 
-    def make(name="top2of8-shared1", workers=2, cfg=None, timeout_s=30.0):
+    def make(name="top2of8-shared1", workers=2, cfg=None, timeout_s=30.0, transport="grpc"):
         path = make_checkpoint(**CONFIGS[name])
-        made.append(Mesh(path, workers, cfg or EngineConfig(), timeout_s))
+        made.append(Mesh(path, workers, cfg or EngineConfig(), timeout_s, transport))
         return made[-1]
 
     yield make
@@ -148,13 +177,14 @@ def test_generated_stubs_are_fresh():
 # -- parity -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize(
     "name, workers",
     [("top2of8-shared1", 1), ("top2of8-shared1", 2), ("top4of16-shared2-start2-every2", 3)],
 )
-def test_grpc_engine_matches_reference_and_local(make_checkpoint, mesh, name, workers):
+def test_engine_matches_reference_and_local(make_checkpoint, mesh, name, workers, transport):
     path = make_checkpoint(**CONFIGS[name])
-    m = mesh(name, workers)
+    m = mesh(name, workers, transport=transport)
     vocab = m.model_cfg.vocab_size
     prompts = prompts_of([1, 7, 64], vocab, seed=workers)
     for prompt, got in zip(prompts, m.engine.score(prompts)):
@@ -169,8 +199,9 @@ def test_grpc_engine_matches_reference_and_local(make_checkpoint, mesh, name, wo
     assert got == [ref_greedy(path, tuple(p), GREEDY.max_tokens) for p in prompts]
 
 
-def test_workers_receive_only_their_rows_in_model_dtype(mesh):
-    m = mesh("top2of8-shared1", workers=3, cfg=EngineConfig(dtype="bfloat16"))
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_workers_receive_only_their_rows_in_model_dtype(mesh, transport):
+    m = mesh("top2of8-shared1", workers=3, cfg=EngineConfig(dtype="bfloat16"), transport=transport)
     prompts = prompts_of([5, 23], m.model_cfg.vocab_size, seed=1)
     m.engine.score(prompts)  # one forward over 28 tokens
     owner = m.placement.owner_tensor()  # [E]
@@ -188,7 +219,7 @@ def test_workers_receive_only_their_rows_in_model_dtype(mesh):
             assert ((ids == -1) | mine).all()  # and names no expert of another worker
 
 
-def test_info_and_bad_layer(mesh):
+def test_grpc_info_and_bad_layer(mesh):
     m = mesh("top2of8-shared1", workers=2)
     for w in range(2):
         info = m.dispatcher.info(w)
@@ -216,7 +247,7 @@ def stop_worker_at(m: Mesh, worker: int, exchange: int) -> dict:
     def tripwire(layer, parts):
         state["sends"] += 1
         if state["stopped_at"] is None and state["sends"] >= exchange and worker in parts:
-            m.servers[worker].stop(0).wait()
+            m.stop(worker)
             state["stopped_at"] = time.perf_counter()
         return send(layer, parts)
 
@@ -224,8 +255,9 @@ def stop_worker_at(m: Mesh, worker: int, exchange: int) -> dict:
     return state
 
 
-def test_dead_worker_without_recovery_fails_fast(mesh):
-    m = mesh("top2of8-shared1", workers=2, timeout_s=30.0)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_dead_worker_without_recovery_fails_fast(mesh, transport):
+    m = mesh("top2of8-shared1", workers=2, timeout_s=30.0, transport=transport)
     prompts = prompts_of(RAGGED, m.model_cfg.vocab_size, seed=7)
     state = stop_worker_at(m, worker=1, exchange=40)  # a few decode steps in
     with pytest.raises(WorkerUnavailable, match=r"\[1\]"):
@@ -234,8 +266,9 @@ def test_dead_worker_without_recovery_fails_fast(mesh):
     assert time.perf_counter() - state["stopped_at"] < 5.0  # not the 30 s deadline
 
 
-def test_dead_worker_is_restarted_and_the_layer_resent(mesh):
-    m = mesh("top2of8-shared1", workers=2, timeout_s=30.0)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_dead_worker_is_restarted_and_the_layer_resent(mesh, transport):
+    m = mesh("top2of8-shared1", workers=2, timeout_s=30.0, transport=transport)
     prompts = prompts_of(RAGGED, m.model_cfg.vocab_size, seed=7)
     want = tokens(m.engine, prompts)
 
@@ -250,14 +283,17 @@ def test_dead_worker_is_restarted_and_the_layer_resent(mesh):
     stop_worker_at(m, worker=1, exchange=40)
     assert tokens(m.engine, prompts) == want
     assert failures == [{1}]
-    assert m.dispatcher.info(1).shard_index == 1
+    if transport == "grpc":
+        assert m.dispatcher.info(1).shard_index == 1
 
 
-def test_hung_worker_is_cut_off_and_its_late_reply_never_read(mesh):
-    """A worker that stops answering fails the exchange at the deadline (the watchdog cancels
-    its stream); the next exchange opens a new stream, so the hung call's late reply is never
-    taken for the next layer's."""
-    m = mesh("top2of8-shared1", workers=2, timeout_s=1.0)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_hung_worker_is_cut_off_and_its_late_reply_never_read(mesh, transport):
+    """A worker that stops answering fails the exchange at the deadline (gRPC: the watchdog
+    cancels its stream; TCP: the socket's timeout, and the connection is closed); the next
+    exchange opens a new stream or connection, so the hung call's late reply is never taken
+    for the next layer's."""
+    m = mesh("top2of8-shared1", workers=2, timeout_s=1.0, transport=transport)
     prompts = prompts_of(RAGGED, m.model_cfg.vocab_size, seed=7)
     want = tokens(m.engine, prompts)
     shard, release = m.shards[1], threading.Event()
@@ -281,3 +317,122 @@ def test_hung_worker_is_cut_off_and_its_late_reply_never_read(mesh):
     [(workers, cause, after)] = failures
     assert workers == {1} and "DEADLINE_EXCEEDED" in cause
     assert 0.9 <= after < 5.0
+
+
+# -- the TCP frames ---------------------------------------------------------------------------
+
+
+def frame_through(send, *args) -> frames.Frame:
+    a, b = socket.socketpair()
+    with a, b:
+        sender = threading.Thread(target=send, args=(a, *args))  # a big frame fills the buffer
+        sender.start()
+        frame = frames.read_frame(b)
+        sender.join()
+        return frame
+
+
+def test_frames_roundtrip_bit_exact_at_odd_sizes():
+    x = torch.randn(3, 5).bfloat16()  # [n, H]: 30 bytes, so ids start after padding
+    x[0, :3] = torch.tensor([float("nan"), float("-inf"), -0.0])
+    ids = torch.tensor([[3, -1], [0, 7], [-1, 2]])  # [n, k]
+    for weights in [torch.rand(3, 2), torch.rand(3, 2).bfloat16()]:
+        f = frame_through(frames.send_request, 5, x, ids, weights)
+        assert (f.kind, f.layer, f.n, f.k, f.hidden) == (frames.Kind.REQUEST, 5, 3, 2, 5)
+        gx, gids, gw = frames.request_tensors(f)
+        assert torch.equal(bits(gx), bits(x)) and torch.equal(gids, ids)
+        assert gw.dtype == weights.dtype and torch.equal(bits(gw), bits(weights))
+    y = torch.randn(3, 5)
+    f = frame_through(frames.send_reply, 5, y)
+    assert f.kind == frames.Kind.REPLY and torch.equal(frames.reply_tensor(f), y)
+    empty = frame_through(frames.send_request, 1, x[:0], ids[:0], torch.rand(0, 2))
+    assert [t.shape for t in frames.request_tensors(empty)] == [(0, 5), (0, 2), (0, 2)]
+    big = torch.randn(300, 512)  # [n, H]: over the size sent in one piece
+    f = frame_through(frames.send_request, 2, big, torch.zeros(300, 4).long(), torch.rand(300, 4))
+    assert torch.equal(frames.request_tensors(f)[0], big)
+    f = frame_through(frames.send_error, 4, "no such layer")
+    assert f.kind == frames.Kind.ERROR and frames.error_text(f) == "no such layer"
+
+
+def header(**kw) -> bytes:
+    v = dict(magic=frames.MAGIC, kind=1, dt=0, wdt=0, layer=1, n=1, k=1, h=4, length=28)
+    v.update(kw)
+    return frames.HEADER.pack(*v.values())
+
+
+@pytest.mark.parametrize(
+    "raw, error",
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(8), "not a frame"),
+        (header(kind=9), "bad frame header"),
+        (header(dt=7), "bad frame header"),
+        (header(n=-1), "bad frame header"),
+        (header(length=2**40), "bad frame header"),  # refused before allocating it
+        (header(length=31), "needs 28 bytes"),  # x 16, ids 8 (at 16), weights 4 (at 24)
+        (header(kind=2, length=15), "needs 16 bytes"),
+    ],
+    ids=["http", "kind", "dtype", "negative", "huge", "request-length", "reply-length"],
+)
+def test_malformed_frames_are_rejected(raw, error):
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(raw)
+        with pytest.raises(frames.FrameError, match=error):
+            frames.read_frame(b)
+
+
+def test_a_stream_ending_inside_a_frame_is_an_error_and_between_frames_is_not():
+    a, b = socket.socketpair()
+    with b:
+        a.sendall(header() + bytes(10))  # 10 of the payload's 28 bytes
+        a.close()
+        with pytest.raises(EOFError):
+            frames.read_frame(b)
+    a, b = socket.socketpair()
+    with b:
+        a.close()
+        assert frames.read_frame(b) is None
+
+
+def request(sock, layer, x, ids, weights=None) -> frames.Frame:
+    weights = torch.rand(ids.shape) if weights is None else weights
+    frames.send_request(sock, layer, x, ids, weights)
+    return frames.read_frame(sock)
+
+
+def test_tcp_server_refuses_bad_requests_and_keeps_serving(mesh):
+    m = mesh("top2of8-shared1", workers=2, transport="tcp")
+    hidden, layer = m.model_cfg.hidden_size, m.model_cfg.moe_layers[0]
+    x = torch.randn(2, hidden)  # [n, H]
+    mine = torch.tensor([[0, -1], [1, 2]])  # experts of worker 0 (it holds 0..3)
+    with socket.create_connection(split_address(m.dispatcher.addresses[0])) as sock:
+        refused = [
+            (request(sock, 0, x, mine), "layer 0 is not MoE"),
+            (request(sock, layer, x, torch.tensor([[5, -1], [0, 1]])), r"experts \[5\]"),
+            (request(sock, layer, x, torch.tensor([[99, -1], [0, 1]])), "out of range"),
+            (request(sock, layer, torch.randn(2, hidden + 1), mine), "width"),
+        ]
+        for f, message in refused:
+            assert f.kind == frames.Kind.ERROR and re.search(message, frames.error_text(f))
+        weights = torch.rand(2, 2)
+        f = request(sock, layer, x, mine, weights)  # the same connection still serves
+        assert f.kind == frames.Kind.REPLY and f.layer == layer
+        want = m.shards[0].forward(layer, x, mine, weights)
+        assert torch.allclose(frames.reply_tensor(f), want, atol=1e-6)
+        sock.sendall(b"\x00" * 64)  # garbage: an error, then the connection is closed
+        f = frames.read_frame(sock)
+        assert f.kind == frames.Kind.ERROR and "malformed" in frames.error_text(f)
+        try:  # closed: an end of stream, or a reset (the rest of the garbage was unread)
+            assert frames.read_frame(sock) is None
+        except ConnectionResetError:
+            pass
+    prompts = prompts_of(RAGGED, m.model_cfg.vocab_size, seed=7)  # the engine is unaffected
+    assert tokens(m.engine, prompts) == [ref_greedy(m.path, tuple(p), 32) for p in prompts]
+
+
+def test_tcp_refusal_fails_the_exchange_with_the_workers_message(mesh):
+    m = mesh("top2of8-shared1", workers=2, transport="tcp")
+    with pytest.raises(WorkerUnavailable, match="not MoE"):
+        m.dispatcher(
+            0, torch.randn(1, m.model_cfg.hidden_size), torch.tensor([[0, 5]]), torch.rand(1, 2)
+        )
