@@ -37,7 +37,7 @@ def holdings(h) -> tuple[ExpertPlacement, list[list[int]]]:
     return placement, [sorted(i["experts"]) for i in infos]
 
 
-@pytest.mark.parametrize("transport", ["grpc", "collective"])
+@pytest.mark.parametrize("transport", ["grpc", "tcp", "collective"])
 def test_a_rebalancing_period_moves_experts_under_a_running_request(
     make_checkpoint, gateway, transport
 ):

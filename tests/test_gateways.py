@@ -83,7 +83,7 @@ def reference(ckpt, prompt: list[int], n: int = MAX_TOKENS) -> str:
     return tok.decode(out[0, len(prompt) :].tolist(), skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("transport", ["grpc", "collective"])
+@pytest.mark.parametrize("transport", ["grpc", "tcp", "collective"])
 def test_two_gateways_share_the_workers_and_keep_parity(ckpt, tmp_path, transport):
     """32 concurrent greedy requests over 2 gateways and 2 workers: each equals its solo run
     and transformers' tokens; the workers exist once, both gateways take requests."""
