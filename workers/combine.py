@@ -42,7 +42,11 @@ class Combiner:
     def forward(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """Like `ExpertShard.forward`; may compute other callers' rows of `layer` with these."""
+        """Like `ExpertShard.forward`; may compute other callers' rows of `layer` with these.
+        Rows that arrived on the CPU (gRPC, TCP) are moved to the shard's device (a GPU)."""
+        dev = self.shard.device
+        if x.device != dev:
+            x, ids, weights = x.to(dev), ids.to(dev), weights.to(dev)
         job = _Job(layer, x, ids, weights)
         with self._queue_lock:
             self._queue.append(job)
