@@ -436,3 +436,18 @@ def test_tcp_refusal_fails_the_exchange_with_the_workers_message(mesh):
         m.dispatcher(
             0, torch.randn(1, m.model_cfg.hidden_size), torch.tensor([[0, 5]]), torch.rand(1, 2)
         )
+
+
+def test_tcp_server_refuses_connections_past_its_limit(mesh):
+    m = mesh("top2of8-shared1", workers=2, transport="tcp")
+    server = ExpertTcpServer(m.shards[0], 0, max_connections=1)
+    layer, x = m.model_cfg.moe_layers[0], torch.randn(1, m.model_cfg.hidden_size)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as first:
+            assert request(first, layer, x, torch.tensor([[0, -1]])).kind == frames.Kind.REPLY
+            with socket.create_connection(("127.0.0.1", server.port)) as second:
+                f = frames.read_frame(second)
+                assert f.kind == frames.Kind.ERROR and "too many" in frames.error_text(f)
+            assert request(first, layer, x, torch.tensor([[1, 2]])).kind == frames.Kind.REPLY
+    finally:
+        server.stop()

@@ -40,7 +40,7 @@ if sys.byteorder != "little":
 
 MAGIC = b"EMX1"
 HEADER = struct.Struct("<4sBBBxiiiiQ")  # 32 bytes
-MAX_PAYLOAD = 2**34  # 16 GiB: far above any step's rows; bounds what a bad header can ask for
+MAX_PAYLOAD = 2**31 - 1  # as gRPC's message cap here (wire.py): bounds what a header can ask for
 _JOIN_BELOW = 256 * 1024  # smaller frames go out in one send (one segment with TCP_NODELAY)
 _PAD = memoryview(bytes(8))
 

@@ -32,8 +32,10 @@ class ExpertTcpServer:
         host: str = "127.0.0.1",
         port: int = 0,
         combiner: Combiner | None = None,
+        max_connections: int = 64,
     ):
         self.shard, self.shard_index = shard, shard_index
+        self.max_connections = max_connections  # one per gateway; as the gRPC server's pool
         self.combiner = combiner or Combiner(shard)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.create_server((host, port), family=family, backlog=64)
@@ -56,7 +58,17 @@ class ExpertTcpServer:
                 if self._stopped:
                     conn.close()
                     return
-                self._conns.add(conn)
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                log.warning("refusing a tcp connection: %d open", self.max_connections)
+                try:
+                    frames.send_error(conn, -1, f"too many connections ({self.max_connections})")
+                except OSError:
+                    pass
+                conn.close()
+                continue
             threading.Thread(target=self._serve, args=(conn,), name="tcp-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
