@@ -210,6 +210,32 @@ class Dispatcher(ABC):
         """Release connections; the in-process dispatcher has none."""
 
 
+class AddressedDispatcher(Dispatcher):
+    """Workers reached over the network, worker w at addresses[w] (gRPC, TCP): a failed
+    worker's connection is dropped, and one WorkerFailure names every worker that failed."""
+
+    def __init__(self, placement: ExpertPlacement, addresses: list[str], timeout_s: float):
+        super().__init__(placement)
+        if len(addresses) != placement.num_shards:
+            raise ValueError(
+                f"{len(addresses)} worker addresses for {placement.num_shards} expert shards"
+            )
+        self.timeout_s = timeout_s
+        self.addresses = list(addresses)
+
+    @abstractmethod
+    def _drop(self, w: int) -> None:
+        """Close worker w's connection; the next exchange opens a new one."""
+
+    def _fail(self, errors: dict[int, str]) -> None:
+        """Drop the connections of the workers in `errors` and raise for them, if any."""
+        for w in errors:
+            self._drop(w)
+        if errors:
+            cause = "; ".join(f"worker {w} ({self.addresses[w]}) {e}" for w, e in errors.items())
+            raise WorkerFailure(set(errors), cause)
+
+
 class LocalDispatcher(Dispatcher):
     """All shards live in this process: the exchange is a function call."""
 

@@ -25,7 +25,7 @@ from expertmesh.proto import expert_pb2, expert_pb2_grpc
 from expertmesh.workers.placement import ExpertPlacement
 from expertmesh.workers.wire import CHANNEL_OPTIONS, tensor_from_proto, tensor_to_proto
 
-from .dispatch import Dispatcher, Pending, WorkerFailure, WorkerRows
+from .dispatch import AddressedDispatcher, Pending, WorkerRows
 
 
 class _Stream:
@@ -63,17 +63,11 @@ class _Ended(Exception):
     """A stream ended without a reply."""
 
 
-class GrpcDispatcher(Dispatcher):
+class GrpcDispatcher(AddressedDispatcher):
     """Expert shards behind `ExpertService` servers; worker w listens on addresses[w]."""
 
     def __init__(self, placement: ExpertPlacement, addresses: list[str], timeout_s: float = 30.0):
-        super().__init__(placement)
-        if len(addresses) != placement.num_shards:
-            raise ValueError(
-                f"{len(addresses)} worker addresses for {placement.num_shards} expert shards"
-            )
-        self.timeout_s = timeout_s
-        self.addresses = list(addresses)
+        super().__init__(placement, addresses, timeout_s)
         self._channels: list[grpc.Channel] = [self._channel(a) for a in self.addresses]
         self._stubs = [expert_pb2_grpc.ExpertServiceStub(c) for c in self._channels]
         self._streams: dict[int, _Stream] = {}
@@ -120,11 +114,7 @@ class GrpcDispatcher(Dispatcher):
                 errors[w] = f"{code}: {e.details()}"
             except _Ended as e:
                 errors[w] = str(e)
-        for w in errors:
-            self._drop(w)
-        if errors:
-            cause = "; ".join(f"worker {w} ({self.addresses[w]}) {e}" for w, e in errors.items())
-            raise WorkerFailure(set(errors), cause)
+        self._fail(errors)
         return results
 
     def _watch(self) -> None:

@@ -20,7 +20,7 @@ import torch
 from expertmesh.workers import frames
 from expertmesh.workers.placement import ExpertPlacement
 
-from .dispatch import Dispatcher, Pending, WorkerFailure, WorkerRows
+from .dispatch import AddressedDispatcher, Pending, WorkerRows
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -29,7 +29,7 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class TcpDispatcher(Dispatcher):
+class TcpDispatcher(AddressedDispatcher):
     """Expert shards behind `ExpertTcpServer`s; worker w listens on addresses[w]."""
 
     def __init__(
@@ -39,13 +39,8 @@ class TcpDispatcher(Dispatcher):
         timeout_s: float = 30.0,
         connect_timeout_s: float = 5.0,
     ):
-        super().__init__(placement)
-        if len(addresses) != placement.num_shards:
-            raise ValueError(
-                f"{len(addresses)} worker addresses for {placement.num_shards} expert shards"
-            )
-        self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
-        self.addresses = list(addresses)
+        super().__init__(placement, addresses, timeout_s)
+        self.connect_timeout_s = connect_timeout_s
         self._socks: dict[int, socket.socket] = {}
 
     def _sock(self, w: int) -> socket.socket:
@@ -98,11 +93,7 @@ class TcpDispatcher(Dispatcher):
                 errors[w] = f"DEADLINE_EXCEEDED: no reply within {self.timeout_s:g} s"
             except (OSError, EOFError, frames.FrameError) as e:
                 errors[w] = str(e) or repr(e)
-        for w in errors:
-            self._drop(w)
-        if errors:
-            cause = "; ".join(f"worker {w} ({self.addresses[w]}) {e}" for w, e in errors.items())
-            raise WorkerFailure(set(errors), cause)
+        self._fail(errors)
         return results
 
     def reconnect(self, worker: int, address: str) -> None:
