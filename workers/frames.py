@@ -4,8 +4,9 @@ Why not gRPC for this: a decode step makes one exchange per MoE layer per worker
 few KB, and through Python's gRPC each message hops between several threads on both sides
 (the call's request-consumer thread, the server's poller and handler threads). Measured on
 this 2-core machine, one MoE-layer exchange with two worker processes (medium checkpoint):
-~1.5 ms at 1 row and ~3.6 ms at 8 rows over gRPC streams, ~0.77 and ~2.6 ms with these frames
-on a plain TCP socket, where the thread that needs the answer sends and reads it itself. The
+~1.5-1.8 ms at 1 row and ~3.3-3.8 ms at 8 rows over gRPC streams, ~1.0 and ~2.4-3.1 ms with
+these frames on a plain TCP socket, where the thread that needs the answer sends and reads it
+itself. The
 workers still serve gRPC only with `--transport grpc`; these frames are the `tcp` transport.
 
 A frame (little-endian, as `wire.py`): a 32-byte header, then `length` bytes of payload.
