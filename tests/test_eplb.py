@@ -148,13 +148,14 @@ def test_exchange_load_counts_rows_and_pairs(make_checkpoint):
 # -- shards that change their experts ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("form", ["fused", "packed", "dense"])
 def test_a_shard_reads_only_its_new_experts_and_computes_as_if_loaded(
-    make_checkpoint, monkeypatch, packed
+    make_checkpoint, monkeypatch, form
 ):
     from expertmesh.ernie import packed_linear
 
-    monkeypatch.setattr(packed_linear, "ENABLED", packed)
+    monkeypatch.setattr(packed_linear, "ENABLED", form != "dense")
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "1" if form == "fused" else "0")
     path = make_checkpoint(**CONFIGS["top4of16-shared2-start2-every2"])
     cfg = ModelConfig.from_dir(path)
     with CheckpointReader(path) as reader:
@@ -176,7 +177,9 @@ def test_a_shard_reads_only_its_new_experts_and_computes_as_if_loaded(
         shard.forward(layer, x, torch.tensor([[0, 2, -1, -1]] * 10), w)
 
 
-def test_a_vl_shard_moves_text_and_vision_experts(vl_checkpoint):
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_a_vl_shard_moves_text_and_vision_experts(vl_checkpoint, monkeypatch, fused):
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE", fused)
     cfg = ModelConfig.from_dir(vl_checkpoint)  # 4 text experts (0..3), 4 vision (4..7)
     with CheckpointReader(vl_checkpoint) as reader:
         shard = ExpertShard.load(reader, cfg, [0, 1, 4, 5], torch.float32)

@@ -19,8 +19,10 @@ needs_onednn = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def packing_on(monkeypatch):
-    """The path on whatever the CPU (by default only AMD CPUs take it)."""
+    """The path on whatever the CPU (by default only AMD CPUs take it); the routed experts'
+    native kernel (`workers/fused_moe`, tests/test_fused_moe.py) off."""
     monkeypatch.setattr(packed_linear, "ENABLED", True)
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "0")
 
 
 @needs_onednn

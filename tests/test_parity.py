@@ -9,6 +9,7 @@ from expertmesh.ernie import packed_linear
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.router.engine import EngineConfig, LLMEngine
 from expertmesh.router.sampling import SamplingParams
+from expertmesh.workers import fused_moe
 from expertmesh.workers.placement import ExpertPlacement
 
 TOL = 1e-4
@@ -43,17 +44,21 @@ def test_logits_match_reference(make_checkpoint, name, shards):
         assert (alone - want).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("path_", ["fused", "packed", "dense"])
 @pytest.mark.parametrize("shards", [1, 2])
-def test_both_cpu_linear_paths_match_reference(make_checkpoint, monkeypatch, packed, shards):
-    """oneDNN with packed weights (the default on AMD CPUs) and F.linear (elsewhere)."""
+def test_every_cpu_expert_path_matches_reference(make_checkpoint, monkeypatch, path_, shards):
+    """The native fused-MoE kernel (float32 on one thread), oneDNN with packed weights (the
+    default on AMD CPUs otherwise) and F.linear (elsewhere)."""
+    packed = path_ != "dense"
     if packed and not packed_linear._supported(torch.float32):
         pytest.skip("no oneDNN float32 kernel on this torch")
     monkeypatch.setattr(packed_linear, "ENABLED", packed)
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "1" if path_ == "fused" else "0")
     path = make_checkpoint(**CONFIGS["top4of16-shared2-start2-every2"])
     engine = LLMEngine.from_checkpoint(path, num_shards=shards)
     w13 = engine.dispatcher.shards[0].weights[engine.model_cfg.moe_layers[0]][0]
-    assert w13[0].is_mkldnn == packed
+    assert w13[0].is_mkldnn == (path_ == "packed")
+    assert fused_moe.is_blocked(w13[0]) == (path_ == "fused")
     prompts = prompts_of([1, 9, 40], ModelConfig.from_dir(path).vocab_size, seed=5)
     for prompt, got in zip(prompts, engine.score(prompts)):
         assert (got - ref_logits(path, prompt)).abs().max() <= TOL

@@ -1,0 +1,244 @@
+"""The native fused-MoE kernel (`workers/fused_moe`): the same sums as the torch paths, on any
+routing, widths and row counts; blocked weights round-trip exactly; when it is taken; parity of
+whole engines (text and VL) with transformers through it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CONFIGS, prompts_of, reference_model
+from expertmesh.ernie.checkpoint import CheckpointReader
+from expertmesh.ernie.config import ModelConfig
+from expertmesh.router.engine import LLMEngine
+from expertmesh.router.sampling import SamplingParams
+from expertmesh.workers import fused_moe
+from expertmesh.workers.experts import ExpertShard, grouped_swiglu
+
+TOL = 1e-4
+
+
+@pytest.fixture
+def fused_on(monkeypatch):
+    """The kernel taken whatever the thread count; a test fails, not skips, without it in CI."""
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "1")
+    if fused_moe.library() is None:
+        if os.environ.get("CI"):
+            pytest.fail("the fused-MoE kernel did not build (see the log's warning)")
+        pytest.skip("no C++ compiler here")
+
+
+def reference(x, ids, weights, w13, w2):
+    """The sum in float64, one (row, slot) at a time: w13[e] [2I, H], w2[e] [H, I]."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for r in range(x.shape[0]):
+        for s in range(ids.shape[1]):
+            e = int(ids[r, s])
+            if e < 0:
+                continue
+            gate, up = (w13[e].double() @ x[r].double()).chunk(2)
+            out[r] += float(weights[r, s]) * (w2[e].double() @ (F.silu(gate) * up))
+    return out
+
+
+def experts(widths, hidden, seed):
+    g = torch.Generator().manual_seed(seed)
+    w13 = [torch.randn(2 * i, hidden, generator=g) / hidden**0.5 for i in widths]
+    w2 = [torch.randn(hidden, i, generator=g) / i**0.5 for i in widths]
+    return w13, w2
+
+
+@pytest.mark.parametrize(
+    "rows,hidden,widths,k",
+    [
+        (1, 64, [32] * 4, 2),
+        (3, 16, [16, 48, 16], 1),
+        (8, 512, [1024] * 16, 4),
+        (9, 48, [64] * 6, 3),  # a row tile of 8 and one of 1
+        (37, 80, [32, 16, 96, 32, 64], 3),  # widths of text and vision experts side by side
+        (150, 32, [48] * 4, 2),  # prefill: ~75 rows an expert, many row tiles per column block
+        (0, 64, [32] * 4, 2),
+    ],
+)
+def test_the_kernel_sums_as_the_reference(fused_on, rows, hidden, widths, k):
+    g = torch.Generator().manual_seed(rows)
+    w13, w2 = experts(widths, hidden, seed=rows + 1)
+    x = torch.randn(rows, hidden, generator=g)
+    ids = torch.rand(rows, len(widths), generator=g).argsort(dim=1)[:, :k]  # distinct experts
+    ids[torch.rand(rows, k, generator=g) < 0.25] = -1  # slots routed elsewhere
+    weights = torch.rand(rows, k, generator=g)
+    b13 = [fused_moe.block13(w) for w in w13]
+    b2 = [fused_moe.block2(w) for w in w2]
+    got = fused_moe.fused_swiglu(x, ids, weights, b13, b2)
+    assert got.dtype == torch.float32 and got.shape == (rows, hidden)
+    want = reference(x, ids, weights, w13, w2)
+    scale = max(1.0, float(want.abs().max())) if rows else 1.0
+    assert torch.allclose(got.double(), want, rtol=0, atol=1e-5 * scale)
+    # the same call through grouped_swiglu, which takes the kernel for blocked weights
+    torch.testing.assert_close(grouped_swiglu(x, ids, weights, b13, b2), got)
+
+
+def test_an_expert_twice_in_a_row_and_large_activations(fused_on):
+    """Repeated slots add up; exp saturates rather than overflowing (silu of +-100s)."""
+    w13, w2 = experts([32, 32], 16, seed=3)
+    w13 = [w * 40 for w in w13]
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(4))
+    ids = torch.tensor([[0, 0], [1, 0], [1, 1], [-1, 1], [0, -1]])
+    weights = torch.rand(5, 2, generator=torch.Generator().manual_seed(5))
+    got = fused_moe.fused_swiglu(
+        x, ids, weights, [fused_moe.block13(w) for w in w13], [fused_moe.block2(w) for w in w2]
+    )
+    want = reference(x, ids, weights, w13, w2)
+    assert torch.isfinite(got).all()
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_ids_out_of_range_are_refused(fused_on):
+    w13, w2 = experts([16, 16], 16, seed=0)
+    b13, b2 = [fused_moe.block13(w) for w in w13], [fused_moe.block2(w) for w in w2]
+    with pytest.raises(ValueError, match="out of range"):
+        fused_moe.fused_swiglu(
+            torch.ones(2, 16), torch.tensor([[0], [2]]), torch.ones(2, 1), b13, b2
+        )
+
+
+def test_blocking_round_trips_exactly():
+    w13, w2 = experts([48], 32, seed=1)
+    b13, b2 = fused_moe.block13(w13[0]), fused_moe.block2(w2[0])
+    assert b13.shape == (3, 2, 32, 16) and b2.shape == (2, 48, 16)
+    assert fused_moe.is_blocked(b13) and fused_moe.is_blocked(b2)
+    assert not fused_moe.is_blocked(w13[0])
+    assert torch.equal(fused_moe.unblock(b13), w13[0])
+    assert torch.equal(fused_moe.unblock(b2), w2[0])
+    # column block j of gate: rows 16j.. of the gate half, k-major
+    assert torch.equal(b13[1, 0], w13[0][16:32].T)
+    assert torch.equal(b13[2, 1], w13[0][48 + 32 : 48 + 48].T)
+
+
+def test_when_the_kernel_is_taken(monkeypatch, fused_on):
+    f32, cpu = torch.float32, "cpu"
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "auto")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert fused_moe.usable(f32, cpu, 64, [32, 48])
+        assert not fused_moe.usable(torch.bfloat16, cpu, 64, [32])
+        assert not fused_moe.usable(f32, "meta", 64, [32])
+        assert not fused_moe.usable(f32, cpu, 40, [32])  # hidden not a multiple of 16
+        assert not fused_moe.usable(f32, cpu, 64, [32, 24])  # nor a width
+        torch.set_num_threads(2)
+        assert not fused_moe.usable(f32, cpu, 64, [32])  # oneDNN's parallel matmuls instead
+        monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "1")
+        assert fused_moe.usable(f32, cpu, 64, [32])
+        monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "0")
+        torch.set_num_threads(1)
+        assert not fused_moe.usable(f32, cpu, 64, [32])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_without_a_compiler_the_torch_path_stays(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "1")
+    monkeypatch.setattr(fused_moe, "_compiler", lambda: None)
+    fused_moe.library.cache_clear()
+    try:
+        assert fused_moe.library() is None
+        assert not fused_moe.usable(torch.float32, "cpu", 64, [32])
+        assert "no C++ compiler" in caplog.text
+    finally:
+        fused_moe.library.cache_clear()
+
+
+def test_a_broken_compiler_is_a_warning_not_an_error(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(fused_moe, "_compiler", lambda: "/bin/false")
+    monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path))
+    fused_moe.library.cache_clear()
+    try:
+        assert fused_moe.library() is None
+        assert "not built" in caplog.text
+        assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
+    finally:
+        fused_moe.library.cache_clear()
+
+
+def test_the_build_is_cached_by_source_and_cpu(fused_on, monkeypatch, tmp_path):
+    monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path))
+    fused_moe.library.cache_clear()
+    try:
+        assert fused_moe.library() is not None
+        built = list(tmp_path.glob("fused_moe-*.so"))
+        assert len(built) == 1
+        fused_moe.library.cache_clear()
+        mtime = built[0].stat().st_mtime_ns
+        assert fused_moe.library() is not None
+        assert built[0].stat().st_mtime_ns == mtime  # taken from the cache, not rebuilt
+    finally:
+        fused_moe.library.cache_clear()
+
+
+def test_a_shard_keeps_blocked_weights_and_gives_them_back_dense(fused_on, make_checkpoint):
+    path = make_checkpoint(experts=8, top_k=2)
+    cfg = ModelConfig.from_dir(path)
+    with CheckpointReader(path) as reader:
+        shard = ExpertShard.load(reader, cfg, [1, 2, 5], torch.float32)
+        assert reader.bytes_read == shard.nbytes
+    layer = cfg.moe_layers[0]
+    w13, w2 = shard.weights[layer]
+    assert all(fused_moe.is_blocked(w) for w in (*w13, *w2))
+    d13, d2 = shard.stacked(layer)  # [3, 2I, H], [3, H, I]
+    i, h = cfg.moe_intermediate_size, cfg.hidden_size
+    with CheckpointReader(path) as reader:
+        for j, e in enumerate([1, 2, 5]):
+            p = f"model.layers.{layer}.mlp.experts.{e}"
+            assert torch.equal(d13[j, :i], reader.read(f"{p}.gate_proj.weight", (i, h)))
+            assert torch.equal(d13[j, i:], reader.read(f"{p}.up_proj.weight", (i, h)))
+            assert torch.equal(d2[j], reader.read(f"{p}.down_proj.weight", (h, i)))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, h, generator=g)
+    ids = torch.tensor([[1, 5], [2, -1], [-1, -1], [5, 1], [2, 2], [-1, 5]])
+    weights = torch.rand(6, 2, generator=g)
+    local = shard._held.g2l[ids]
+    torch.testing.assert_close(
+        shard.forward(layer, x, ids, weights),
+        grouped_swiglu(x, local, weights, d13, d2),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    again = ExpertShard(cfg, shard.experts, shard.weights)  # blocked weights pass through
+    assert again.weights[layer][0][0] is w13[0]
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_engine_logits_and_greedy_tokens_match_transformers(fused_on, make_checkpoint, shards):
+    path = make_checkpoint(**CONFIGS["top2of8-shared1"])
+    engine = LLMEngine.from_checkpoint(path, num_shards=shards)
+    w13 = engine.dispatcher.shards[0].weights[engine.model_cfg.moe_layers[0]][0]
+    assert fused_moe.is_blocked(w13[0])
+    prompts = prompts_of([1, 9, 64], ModelConfig.from_dir(path).vocab_size, seed=11)
+    model = reference_model(path)
+    with torch.no_grad():
+        for prompt, got in zip(prompts, engine.score(prompts)):
+            want = model(torch.tensor([prompt])).logits[0].float()
+            assert (got - want).abs().max() <= TOL
+        outs = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
+        for prompt, out in zip(prompts, outs):
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+            assert out.token_ids == want[0, len(prompt) :].tolist()
+
+
+def test_vl_engine_matches_transformers(fused_on, vl_checkpoint):
+    """Text and vision experts (their own widths) in one kernel call."""
+    from vl_reference import CASES, max_diff, prompt, ref_greedy, ref_logits
+
+    engine = LLMEngine.from_checkpoint(vl_checkpoint, num_shards=2)
+    layer = engine.model_cfg.moe_layers[0]
+    w13 = engine.dispatcher.shards[0].vision_weights[layer][0]
+    assert fused_moe.is_blocked(w13[0])
+    names = list(CASES)
+    prompts, images = zip(*(prompt(vl_checkpoint, n) for n in names))
+    for name, got in zip(names, engine.score(prompts, images=images)):
+        assert max_diff(got, ref_logits(vl_checkpoint, name)) <= TOL
+    outs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0), images=images)
+    assert [o.token_ids for o in outs] == [ref_greedy(vl_checkpoint, n, 8) for n in names]
