@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from expertmesh.ernie.checkpoint import CheckpointReader, expert_keys
 from expertmesh.ernie.config import ModelConfig
-from expertmesh.ernie.packed_linear import can_pack, linear, pack, packs, unpack
+from expertmesh.ernie.packed_linear import can_pack, linear, pack, unpack
 from tqdm import tqdm
 
 from . import fused_moe
@@ -282,17 +282,27 @@ class _Held:
 
 
 def compute_form(w13, w2) -> tuple:
-    """One layer's (w13, w2) as the shard computes with them: lists of per-expert weights
-    blocked for `fused_moe` where it computes them (`fused_moe.usable`), else on CPU in a dtype
-    oneDNN takes packed [2I, H] / [H, I]; otherwise as given (stacked tensors or lists).
+    """One layer's (w13, w2) as the shard computes with them: lists of per-expert weights in
+    `per_expert_form` where there is one; otherwise as given (stacked tensors or lists).
     Blocked or packed weights pass through unchanged."""
     if len(w13) == 0 or w13[0].is_mkldnn or fused_moe.is_blocked(w13[0]):
         return w13, w2
-    if fused_moe.usable(w13[0].dtype, w13[0].device, w2[0].shape[0], [w.shape[1] for w in w2]):
-        return [fused_moe.block13(w) for w in w13], [fused_moe.block2(w) for w in w2]
-    if not packs(w13[0]):
+    form = per_expert_form(w13[0].dtype, w13[0].device, w2[0].shape[0], [w.shape[1] for w in w2])
+    if form is None:
         return w13, w2
-    return [pack(w) for w in w13], [pack(w) for w in w2]
+    make13, make2 = form
+    return [make13(w) for w in w13], [make2(w) for w in w2]
+
+
+def per_expert_form(dtype, device, hidden: int, widths: list[int]) -> tuple | None:
+    """How each expert's dense w13 [2I, H] and w2 [H, I] become the form they compute in: blocked
+    for `fused_moe` where it takes them, else packed for oneDNN where that path is on (CPU,
+    float32 or bfloat16); None: stacked tensors (CUDA, other dtypes)."""
+    if fused_moe.usable(dtype, device, hidden, widths):
+        return fused_moe.block13, fused_moe.block2  # [I/16, 2, H, 16], [H/16, I, 16]
+    if can_pack(dtype, device):
+        return pack, pack
+    return None
 
 
 def dense(w: torch.Tensor) -> torch.Tensor:
@@ -314,27 +324,22 @@ def _load_group(
     device: str | torch.device,
 ) -> tuple:
     """Weights of experts of one width: w13 [n, 2I, H] (gate, then up), w2 [n, H, I], stacked,
-    or (where `fused_moe.usable`, else where `packs`) lists of per-expert blocked or packed
-    weights, each made as soon as it is read so that no dense copy of the shard is ever whole
+    or (where `per_expert_form` gives one) lists of per-expert blocked or packed weights, each
+    made as soon as it is read so that no dense copy of the shard is ever whole
     in memory."""
     h = cfg.hidden_size
     inter = cfg.expert_width(experts[0]) if experts else cfg.moe_intermediate_size
-    if experts and fused_moe.usable(dtype, device, h, [inter]):
-        blocked13, blocked2 = [], []
-        for e in experts:
-            gate, up, down = _read_expert(reader, cfg, layer, e, dtype)
-            blocked13.append(fused_moe.block13(torch.cat([gate, up])))  # [I/16, 2, H, 16]
-            blocked2.append(fused_moe.block2(down))  # [H/16, I, 16]
-        return blocked13, blocked2
-    if experts and can_pack(dtype, device):
+    form = per_expert_form(dtype, device, h, [inter]) if experts else None
+    if form is not None:
+        make13, make2 = form
         gate_up = torch.empty(2 * inter, h, dtype=dtype, device=device)  # reused: [gate; up]
-        packed13, packed2 = [], []
+        out13, out2 = [], []
         for e in experts:
             gate, up, down = _read_expert(reader, cfg, layer, e, dtype)
             gate_up[:inter], gate_up[inter:] = gate, up
-            packed13.append(pack(gate_up))  # [2I, H]
-            packed2.append(pack(down.to(device)))  # [H, I]
-        return packed13, packed2
+            out13.append(make13(gate_up))  # a copy of [2I, H] in its form
+            out2.append(make2(down.to(device)))  # [H, I]
+        return out13, out2
     w13 = torch.empty(len(experts), 2 * inter, h, dtype=dtype, device=device)
     w2 = torch.empty(len(experts), h, inter, dtype=dtype, device=device)
     for j, e in enumerate(experts):
