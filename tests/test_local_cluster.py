@@ -246,3 +246,35 @@ def test_netns_keeps_the_nodes_and_command_inside(tmp_path):
     assert json.loads(re.search(r"^NODES (.*)$", out, re.M)[1]) == ["127.0.0.1"] * 2
     assert json.loads(re.search(r"^LINKS (.*)$", out, re.M)[1]) == ["lo"], out[-3000:]
     assert left == set()
+
+
+def test_end_children_also_ends_processes_reparented_out_of_the_tree():
+    """What a server's stop does with Ray's agents once the raylet, their parent, has exited:
+    a grandchild whose parent died is no longer below us, and must still be ended when it was
+    in the snapshot taken before the shutdown."""
+    from expertmesh.cluster.cli.local_server import end_children
+
+    # a child that starts a long sleeper, prints its PID, and then waits on stdin
+    script = (
+        "import subprocess, sys; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        "print(p.pid, flush=True); sys.stdin.read()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    grandchild = int(child.stdout.readline())
+    try:
+        before = psutil.Process().children(recursive=True)
+        assert grandchild in {p.pid for p in before}
+        child.kill()  # the grandchild is re-parented out of this process's tree
+        child.wait(10)
+        assert grandchild not in {p.pid for p in psutil.Process().children(recursive=True)}
+        end_children(2.0, before)
+        deadline = time.monotonic() + 10
+        while alive({grandchild}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert alive({grandchild}) == set()
+    finally:
+        if alive({grandchild}):
+            os.kill(grandchild, signal.SIGKILL)

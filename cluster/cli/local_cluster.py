@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Literal
 
+import psutil
 from pydantic import BaseModel, Field
 
 from .local_server import end_children
@@ -188,12 +189,13 @@ def wait_for_signal(stopping: threading.Event) -> None:
 def stop_nodes(cluster, timeout_s: float = 60) -> None:
     """Every node's processes, the workers below them included: gracefully (Ray's own
     shutdown, at most `timeout_s`), then SIGKILL to whatever is left below this process."""
+    below = psutil.Process().children(recursive=True)  # the nodes' processes, agents included
     t = threading.Thread(target=cluster.shutdown, daemon=True)
     t.start()
     t.join(timeout_s)
     if t.is_alive():
         log.warning("the Ray nodes did not stop within %.0f s; killing them", timeout_s)
-    end_children(5.0)
+    end_children(5.0, below)
 
 
 def reexec_in_netns(a: LocalClusterArgs) -> None:

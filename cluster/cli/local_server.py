@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -60,9 +61,21 @@ def stop_server(proc: subprocess.Popen, grace_s: float = 120) -> list[int]:
     return [p.pid for p in left]
 
 
-def end_children(grace_s: float) -> None:
-    """SIGTERM, then SIGKILL after `grace_s`, every process below this one still alive."""
-    children = psutil.Process().children(recursive=True)
+def end_children(grace_s: float, earlier: Iterable[psutil.Process] = ()) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`, every process below this one still alive, and
+    those of `earlier` (taken before a shutdown) still running.
+
+    Why `earlier`: a process whose parent exits is re-parented out of this tree. Ray's raylet
+    starts its agents (dashboard, runtime env) as its own children, so once ray.shutdown() has
+    ended the raylet they are no longer below this process, yet under load they can linger for
+    tens of seconds. `is_running()` also tells a reused PID from the process it was."""
+    procs = {p.pid: p for p in earlier}
+    procs.update((p.pid, p) for p in psutil.Process().children(recursive=True))
+    children = []
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            if p.is_running():
+                children.append(p)
     for c in children:
         with contextlib.suppress(psutil.Error):
             c.terminate()

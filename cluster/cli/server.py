@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import psutil
 import ray
 from ray import serve
 
@@ -120,15 +121,16 @@ def _shutdown(started_ray: bool, deadline_s: float = 9.0) -> None:
     the deadline, the processes this command started are ended by PID and it exits.
     """
     end = time.monotonic() + deadline_s
+    below = psutil.Process().children(recursive=True)  # Ray's processes, agents included
     _within(_drain, 2.5)
     if not _within(serve.shutdown, end - time.monotonic() - 2.0):
         log.warning("Serve did not shut down in time; stopping Ray anyway")
     if not started_ray:
         return
     if _within(ray.shutdown, end - time.monotonic() - 0.5):
-        end_children(0.0)
+        end_children(0.0, below)
         return
     log.warning("Ray did not shut down in time; ending its processes")
-    end_children(0.5)
+    end_children(0.5, below)
     logging.shutdown()
     os._exit(0)  # a stuck ray.shutdown() would also hang the interpreter's exit
