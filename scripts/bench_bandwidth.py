@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import time
 
 import torch
@@ -29,12 +30,9 @@ MEDIUM = {
 }  # fmt: skip
 
 
-def _stream(mb: int, seconds: float, core: int | None, barrier, out) -> None:
+def _stream(mb: int, seconds: float, core: int, barrier, out) -> None:
     torch.set_num_threads(1)
-    if core is not None:
-        import os
-
-        os.sched_setaffinity(0, [core])
+    os.sched_setaffinity(0, [core])
     buf = torch.ones(mb * 2**20 // 4)  # [mb MiB / 4] fp32, far beyond the caches
     buf.sum()  # fault the pages in
     barrier.wait()
@@ -48,7 +46,7 @@ def _stream(mb: int, seconds: float, core: int | None, barrier, out) -> None:
 def bandwidth(procs: int, mb: int, seconds: float) -> list[float]:
     """Bytes/s of each of `procs` processes streaming at the same time (one core each)."""
     ctx = mp.get_context("spawn")
-    cores = sorted(__import__("os").sched_getaffinity(0))
+    cores = sorted(os.sched_getaffinity(0))
     barrier, out = ctx.Barrier(procs), ctx.Queue()
     ps = [
         ctx.Process(target=_stream, args=(mb, seconds, cores[i % len(cores)], barrier, out))
