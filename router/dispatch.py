@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from expertmesh.workers import fused_moe
 from expertmesh.workers.experts import ExpertShard
 from expertmesh.workers.placement import ExpertPlacement, shards_of_slots
 
@@ -237,18 +238,33 @@ class AddressedDispatcher(Dispatcher):
 
 
 class LocalDispatcher(Dispatcher):
-    """All shards live in this process: the exchange is a function call."""
+    """All shards live in this process: the exchange is a function call.
 
-    def __init__(self, placement: ExpertPlacement, shards: list[ExpertShard]):
+    With `overlap` (default: `fused_moe.helper_thread()`, a process that may use a second
+    core) the fused kernel starts the routed experts on its helper thread at dispatch, while
+    the caller computes the shared experts, and joins in on what is left at combine: on 2
+    cores, the in-process gateway's second core otherwise idles at one stream."""
+
+    def __init__(
+        self, placement: ExpertPlacement, shards: list[ExpertShard], overlap: bool | None = None
+    ):
         super().__init__(placement)
         self.shards = shards
+        self.overlap = fused_moe.helper_thread() if overlap is None else overlap
 
-    def _send(self, layer: int, parts: dict[int, WorkerRows]) -> dict[int, torch.Tensor]:
+    def _send(self, layer: int, parts: dict[int, WorkerRows]) -> dict:
+        if self.overlap:
+            return {
+                w: self.shards[w].start(layer, p.x, p.expert_ids, p.weights)
+                for w, p in parts.items()
+            }
         return {
             w: self.shards[w].forward(layer, p.x, p.expert_ids, p.weights) for w, p in parts.items()
         }
 
     def _receive(self, pending: Pending) -> dict[int, torch.Tensor]:
+        if self.overlap:
+            return {w: started.result() for w, started in pending.handle.items()}
         return pending.handle
 
 

@@ -104,6 +104,54 @@ def test_ids_out_of_range_are_refused(fused_on):
         )
 
 
+def test_a_call_on_the_helper_thread_gives_the_same_bits(fused_on):
+    """Started calls (several in flight, joined in any order) equal the one-thread call bit for
+    bit: each expert's rows are its own and every row sums its slots in slot order, whichever
+    thread computed which expert."""
+    cases = []
+    for rows, hidden, widths, k in [(1, 64, [32] * 4, 2), (9, 48, [64] * 6, 3), (0, 64, [32] * 4, 2),
+                                    (37, 80, [32, 16, 96, 32, 64], 3), (150, 32, [48] * 4, 2)]:  # fmt: skip
+        g = torch.Generator().manual_seed(rows)
+        w13, w2 = experts(widths, hidden, seed=rows + 7)
+        x = torch.randn(rows, hidden, generator=g)
+        ids = torch.rand(rows, len(widths), generator=g).argsort(dim=1)[:, :k]
+        ids[torch.rand(rows, k, generator=g) < 0.25] = -1
+        weights = torch.rand(rows, k, generator=g)
+        b13, b2 = [fused_moe.block13(w) for w in w13], [fused_moe.block2(w) for w in w2]
+        cases.append((x, ids, weights, b13, b2))
+    for _ in range(20):
+        started = [fused_moe.start_swiglu(*c) for c in cases]
+        for c, s in reversed(list(zip(cases, started))):
+            assert torch.equal(s.result(), fused_moe.fused_swiglu(*c))
+            assert s.result() is s.result()  # joined once; the answer stays
+
+
+def test_a_started_call_refuses_bad_ids_and_survives_being_dropped(fused_on):
+    w13, w2 = experts([16, 16], 16, seed=0)
+    b13, b2 = [fused_moe.block13(w) for w in w13], [fused_moe.block2(w) for w in w2]
+    with pytest.raises(ValueError, match="out of range"):
+        fused_moe.start_swiglu(
+            torch.ones(2, 16), torch.tensor([[0], [2]]), torch.ones(2, 1), b13, b2
+        )
+    x, ids, weights = torch.randn(64, 16), torch.tensor([[0], [1]]).repeat(32, 1), torch.ones(64, 1)
+    want = fused_moe.fused_swiglu(x, ids, weights, b13, b2)
+    for _ in range(50):  # a caller that failed before joining: its buffers outlive the helper
+        fused_moe.start_swiglu(x.clone(), ids.clone(), weights.clone(), b13, b2)
+    assert torch.equal(fused_moe.start_swiglu(x, ids, weights, b13, b2).result(), want)
+
+
+def test_when_the_helper_thread_is_used(monkeypatch):
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE_HELPER", "1")
+    assert fused_moe.helper_thread()
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE_HELPER", "0")
+    assert not fused_moe.helper_thread()
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE_HELPER", "auto")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert not fused_moe.helper_thread()  # one core: nothing to overlap on
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert fused_moe.helper_thread()
+
+
 def test_blocking_round_trips_exactly():
     w13, w2 = experts([48], 32, seed=1)
     b13, b2 = fused_moe.block13(w13[0]), fused_moe.block2(w2[0])
@@ -210,10 +258,15 @@ def test_a_shard_keeps_blocked_weights_and_gives_them_back_dense(fused_on, make_
     assert again.weights[layer][0][0] is w13[0]
 
 
-@pytest.mark.parametrize("shards", [1, 3])
-def test_engine_logits_and_greedy_tokens_match_transformers(fused_on, make_checkpoint, shards):
+@pytest.mark.parametrize("shards,helper", [(1, "0"), (1, "1"), (3, "1")])
+def test_engine_logits_and_greedy_tokens_match_transformers(
+    fused_on, make_checkpoint, monkeypatch, shards, helper
+):
+    """helper: the routed experts begun on the kernel's helper thread beside the shared ones."""
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE_HELPER", helper)
     path = make_checkpoint(**CONFIGS["top2of8-shared1"])
     engine = LLMEngine.from_checkpoint(path, num_shards=shards)
+    assert engine.dispatcher.overlap == (helper == "1")
     w13 = engine.dispatcher.shards[0].weights[engine.model_cfg.moe_layers[0]][0]
     assert fused_moe.is_blocked(w13[0])
     prompts = prompts_of([1, 9, 64], ModelConfig.from_dir(path).vocab_size, seed=11)

@@ -111,6 +111,16 @@ def _padded_swiglu(x, ids, pair, rows, counts, m, weights, w13, w2):
     return out
 
 
+@dataclass(frozen=True)
+class Done:
+    """An expert layer computed already (`ExpertShard.start` where the kernel is not used)."""
+
+    out: torch.Tensor
+
+    def result(self) -> torch.Tensor:
+        return self.out
+
+
 class ExpertShard:
     """Weights of the experts in `experts` for every MoE layer of the model.
 
@@ -198,6 +208,22 @@ class ExpertShard:
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """x: [N, H]; expert_ids: [N, k] global ids (-1 = not routed here); weights: [N, k]."""
+        return grouped_swiglu(*self._args(layer, x, expert_ids, weights))
+
+    def start(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> Done | fused_moe.Started:
+        """`forward` begun on the kernel's helper thread where this shard's weights are blocked
+        for it (else computed now); `.result()` is the [N, H] output. Until then the caller
+        computes beside it (the shared experts) and leaves x unchanged."""
+        args = self._args(layer, x, expert_ids, weights)
+        w13 = args[3]
+        if not isinstance(w13, torch.Tensor) and len(w13) and fused_moe.is_blocked(w13[0]):
+            return fused_moe.start_swiglu(*args)
+        return Done(grouped_swiglu(*args))
+
+    def _args(self, layer: int, x, expert_ids, weights) -> tuple:
+        """grouped_swiglu's arguments for this shard's experts of `layer`."""
         held = self._held  # one consistent set, whatever `hold` does meanwhile
         w13, w2 = held.mixed.get(layer) or held.weights[layer]
         g2l = held.g2l.to(expert_ids.device)
@@ -209,7 +235,7 @@ class ExpertShard:
                 f"experts {sorted(set(expert_ids[missing].tolist()))} are not held here "
                 f"(this shard holds {held.experts})"
             )
-        return grouped_swiglu(x, local, weights, w13, w2)
+        return x, local, weights, w13, w2
 
     def hold(self, reader: CheckpointReader, experts: Sequence[int]) -> int:
         """Hold exactly `experts` from now on: read the tensors of those not held yet (only

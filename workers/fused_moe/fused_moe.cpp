@@ -1,4 +1,7 @@
-// Routed experts of one MoE layer on one CPU thread, fp32: the whole layer in one call.
+// Routed experts of one MoE layer on CPU, fp32: the whole layer in one call, on the calling
+// thread (em_fused_moe_f32), or begun on a helper thread that the caller joins later
+// (em_fused_moe_f32_start / em_fused_moe_wait: the in-process gateway computes its shared
+// experts meanwhile, then takes the experts the helper has not reached).
 //
 // Why: a decode step sends each expert a few rows; per expert, torch runs ~10 ops (gather,
 // two matmuls, silu, mul, slices, scatter) at ~1-10 us of dispatch each, and oneDNN's
@@ -11,11 +14,18 @@
 // expert of width I (ip below; H and I multiples of 16):
 //   w13 [I/16, 2, H, 16]: column block j of gate (0) and of up (1), k-major, 16 columns each;
 //   w2  [H/16, I, 16]:    column block of down, k-major.
+// Each expert's outputs land in rows of their own, and every row's slots are summed in slot
+// order at the end, so the result does not depend on which thread computed which expert.
 // The vector type is GCC's generic one: AVX-512 registers with -march=native where the CPU has
 // them, two AVX2 (or four SSE) registers elsewhere; weights are prefetched 4 KB ahead.
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -124,9 +134,134 @@ static void expert_rows(const float* xs, int64_t c, float* act, float* y, int64_
   }
 }
 
+
+// One layer's call: what to compute, grouped by expert, and where each (row, slot) pair's
+// unweighted expert output goes. Experts are the unit of work: any thread claims the next one
+// (`next`); each writes only its experts' rows of `ys`, so which thread took which expert does
+// not change the result, and `reduce` sums every row's slots in slot order (deterministic).
+struct Call {
+  const float* x;
+  int64_t n, H, k, n_experts;
+  const int64_t* ids;
+  const float* topw;
+  std::vector<const float*> w13, w2;
+  std::vector<int64_t> ip;
+  float* out;
+  std::vector<int64_t> start;  // [E + 1] each expert's first position in `order`
+  std::vector<int64_t> order;  // [pairs] (row * k + slot), grouped by expert
+  std::vector<int64_t> pos;    // [n * k] position of the pair in `order`, -1: not ours
+  std::vector<float> ys;       // [pairs, H] each pair's expert output (before its weight)
+  int64_t max_rows = 0, max_ip = 0;
+  std::atomic<int64_t> next{0};
+  // helper-thread state (async calls)
+  bool helper_done = false;
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+// Fill `c`'s plan; -1 for an id out of range.
+static int plan(Call& c) {
+  c.start.assign(c.n_experts + 1, 0);
+  for (int64_t p = 0; p < c.n * c.k; p++) {
+    int64_t e = c.ids[p];
+    if (e >= c.n_experts) return -1;
+    if (e >= 0) c.start[e + 1]++;
+  }
+  for (int64_t e = 0; e < c.n_experts; e++) {
+    c.max_rows = c.start[e + 1] > c.max_rows ? c.start[e + 1] : c.max_rows;
+    c.max_ip = c.ip[e] > c.max_ip ? c.ip[e] : c.max_ip;
+    c.start[e + 1] += c.start[e];
+  }
+  int64_t pairs = c.start[c.n_experts];
+  c.order.resize(pairs);
+  c.pos.assign(c.n * c.k, -1);
+  std::vector<int64_t> fill(c.start.begin(), c.start.end() - 1);
+  for (int64_t p = 0; p < c.n * c.k; p++)
+    if (c.ids[p] >= 0) {
+      c.pos[p] = fill[c.ids[p]];
+      c.order[fill[c.ids[p]]++] = p;
+    }
+  c.ys.resize(pairs * c.H);
+  return 0;
+}
+
+// Compute experts until none is left unclaimed.
+static void work(Call& c) {
+  std::vector<float> xs(c.max_rows * c.H), act(c.max_rows * c.max_ip);
+  for (int64_t e; (e = c.next.fetch_add(1)) < c.n_experts;) {
+    int64_t s = c.start[e], rows = c.start[e + 1] - s;
+    if (rows == 0) continue;
+    for (int64_t m = 0; m < rows; m++)
+      std::memcpy(&xs[m * c.H], c.x + (c.order[s + m] / c.k) * c.H, sizeof(float) * c.H);
+    expert_rows(xs.data(), rows, act.data(), &c.ys[s * c.H], c.H, c.ip[e], c.w13[e], c.w2[e]);
+  }
+}
+
+// out[row] = sum over its slots, in order, of topw * the slot's expert output.
+static void reduce(Call& c) {
+  for (int64_t r = 0; r < c.n; r++) {
+    float* o = c.out + r * c.H;
+    std::memset(o, 0, sizeof(float) * c.H);
+    for (int64_t j = 0; j < c.k; j++) {
+      int64_t q = c.pos[r * c.k + j];
+      if (q < 0) continue;
+      float w = c.topw[r * c.k + j];
+      const float* y = &c.ys[q * c.H];
+      for (int64_t h = 0; h < c.H; h++) o[h] += w * y[h];
+    }
+  }
+}
+
+static Call* make_call(const float* x, int64_t n, int64_t H, const int64_t* ids,
+                       const float* topw, int64_t k, int64_t n_experts, const float* const* w13,
+                       const float* const* w2, const int64_t* ip, float* out) {
+  Call* c = new Call;
+  c->x = x, c->n = n, c->H = H, c->k = k, c->n_experts = n_experts;
+  c->ids = ids, c->topw = topw, c->out = out;
+  c->w13.assign(w13, w13 + n_experts);
+  c->w2.assign(w2, w2 + n_experts);
+  c->ip.assign(ip, ip + n_experts);
+  if (plan(*c) != 0) {
+    delete c;
+    return nullptr;
+  }
+  return c;
+}
+
+// The helper: one thread per process, started on first use, never stopped; its state lives
+// on the heap so that nothing it waits on is destroyed at exit.
+struct Helper {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Call*> queue;
+};
+
+static Helper* helper() {
+  static Helper* h = [] {
+    Helper* h = new Helper;
+    std::thread([h] {
+      for (;;) {
+        Call* c;
+        {
+          std::unique_lock<std::mutex> lock(h->mu);
+          h->cv.wait(lock, [h] { return !h->queue.empty(); });
+          c = h->queue.front();
+          h->queue.pop_front();
+        }
+        work(*c);
+        std::lock_guard<std::mutex> lock(c->mu);  // notified under the lock: the waiter
+        c->helper_done = true;                     // may delete c as soon as it has it
+        c->cv.notify_one();
+      }
+    }).detach();
+    return h;
+  }();
+  return h;
+}
+
 extern "C" {
 
-int em_fused_moe_abi() { return 1; }
+int em_fused_moe_abi() { return 2; }
 
 // out[n, H] = sum over (row, slot) with ids >= 0 of topw * SwiGLU expert ids[row, slot] (x[row]).
 // x [n, H], ids [n, k] local expert ids (-1: not computed here), topw [n, k];
@@ -135,40 +270,54 @@ int em_fused_moe_abi() { return 1; }
 int em_fused_moe_f32(const float* x, int64_t n, int64_t H, const int64_t* ids, const float* topw,
                      int64_t k, int64_t n_experts, const float* const* w13,
                      const float* const* w2, const int64_t* ip, float* out) {
-  std::memset(out, 0, sizeof(float) * n * H);
-  std::vector<int64_t> count(n_experts + 1, 0);
-  for (int64_t p = 0; p < n * k; p++) {
-    int64_t e = ids[p];
-    if (e >= n_experts) return -1;
-    if (e >= 0) count[e + 1]++;
-  }
-  for (int64_t e = 0; e < n_experts; e++) count[e + 1] += count[e];  // starts
-  int64_t pairs = count[n_experts];
-  if (pairs == 0) return 0;
-  std::vector<int64_t> order(pairs);  // (row * k + slot), grouped by expert
-  std::vector<int64_t> fill(count.begin(), count.end() - 1);
-  for (int64_t p = 0; p < n * k; p++)
-    if (ids[p] >= 0) order[fill[ids[p]]++] = p;
-  int64_t max_ip = 0;
-  for (int64_t e = 0; e < n_experts; e++) max_ip = ip[e] > max_ip ? ip[e] : max_ip;
-  int64_t max_rows = 0;
-  for (int64_t e = 0; e < n_experts; e++)
-    max_rows = count[e + 1] - count[e] > max_rows ? count[e + 1] - count[e] : max_rows;
-  std::vector<float> xs(max_rows * H), act(max_rows * max_ip), y(max_rows * H);
-  for (int64_t e = 0; e < n_experts; e++) {
-    int64_t s = count[e], c = count[e + 1] - count[e];
-    if (c == 0) continue;
-    for (int64_t m = 0; m < c; m++)
-      std::memcpy(&xs[m * H], x + (order[s + m] / k) * H, sizeof(float) * H);
-    expert_rows(xs.data(), c, act.data(), y.data(), H, ip[e], w13[e], w2[e]);
-    for (int64_t m = 0; m < c; m++) {
-      int64_t p = order[s + m];
-      float w = topw[p];
-      float* o = out + (p / k) * H;
-      const float* ym = &y[m * H];
-      for (int64_t h = 0; h < H; h++) o[h] += w * ym[h];
-    }
-  }
+  Call* c = make_call(x, n, H, ids, topw, k, n_experts, w13, w2, ip, out);
+  if (c == nullptr) return -1;
+  work(*c);
+  reduce(*c);
+  delete c;
   return 0;
+}
+
+// The same call started on the helper thread: returns a handle for em_fused_moe_wait (null
+// for an id out of range, nothing started). The caller keeps every buffer alive, and leaves
+// x, ids and topw unchanged, until the wait returns.
+void* em_fused_moe_f32_start(const float* x, int64_t n, int64_t H, const int64_t* ids,
+                             const float* topw, int64_t k, int64_t n_experts,
+                             const float* const* w13, const float* const* w2, const int64_t* ip,
+                             float* out) {
+  Call* c = make_call(x, n, H, ids, topw, k, n_experts, w13, w2, ip, out);
+  if (c == nullptr) return nullptr;
+  Helper* h = helper();
+  {
+    std::lock_guard<std::mutex> lock(h->mu);
+    h->queue.push_back(c);
+  }
+  h->cv.notify_one();
+  return c;
+}
+
+// Finish a started call: this thread computes the experts the helper has not claimed yet
+// (all of them if the helper has not begun: a busy core never makes the call slower than
+// computing it here), waits for the helper's, and writes out.
+void em_fused_moe_wait(void* handle) {
+  Call* c = static_cast<Call*>(handle);
+  work(*c);
+  Helper* h = helper();
+  bool queued = false;
+  {
+    std::lock_guard<std::mutex> lock(h->mu);
+    for (auto it = h->queue.begin(); it != h->queue.end(); ++it)
+      if (*it == c) {
+        h->queue.erase(it);
+        queued = true;
+        break;
+      }
+  }
+  if (!queued) {
+    std::unique_lock<std::mutex> lock(c->mu);
+    c->cv.wait(lock, [c] { return c->helper_done; });
+  }
+  reduce(*c);
+  delete c;
 }
 }
