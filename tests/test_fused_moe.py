@@ -267,6 +267,7 @@ def test_engine_logits_and_greedy_tokens_match_transformers(
     path = make_checkpoint(**CONFIGS["top2of8-shared1"])
     engine = LLMEngine.from_checkpoint(path, num_shards=shards)
     assert engine.dispatcher.overlap == (helper == "1")
+    engine.dispatcher.overlap_rows = 1  # every layer, decode steps too, through the helper
     w13 = engine.dispatcher.shards[0].weights[engine.model_cfg.moe_layers[0]][0]
     assert fused_moe.is_blocked(w13[0])
     prompts = prompts_of([1, 9, 64], ModelConfig.from_dir(path).vocab_size, seed=11)

@@ -19,6 +19,7 @@
 // The vector type is GCC's generic one: AVX-512 registers with -march=native where the CPU has
 // them, two AVX2 (or four SSE) registers elsewhere; weights are prefetched 4 KB ahead.
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -35,6 +36,13 @@ static inline v16 ld(const float* p) { v16 v; std::memcpy(&v, p, 64); return v; 
 static inline void st(float* p, v16 v) { std::memcpy(p, &v, 64); }
 #define DIST 1024  // floats ahead (4 KB): of 128..4096, the best at 32 rows here, no loss at 1
 #define PF(p) __builtin_prefetch((p), 0, 0)
+static inline void relax() {  // in a spin loop
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
 static inline v16 splat(float x) { return v16{} + x; }
 
 // exp on 16 lanes: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2] (Cephes' expf polynomial, ~1 ulp)
@@ -154,7 +162,7 @@ struct Call {
   int64_t max_rows = 0, max_ip = 0;
   std::atomic<int64_t> next{0};
   // helper-thread state (async calls)
-  bool helper_done = false;
+  std::atomic<bool> helper_done{false};
   std::mutex mu;
   std::condition_variable cv;
 };
@@ -314,8 +322,14 @@ void em_fused_moe_wait(void* handle) {
       }
   }
   if (!queued) {
+    // the helper is on its last expert: spin a while (a blocked caller gives its core away,
+    // and waits for the scheduler to give one back), then sleep
+    auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+    while (!c->helper_done.load(std::memory_order_acquire) &&
+           std::chrono::steady_clock::now() < until)
+      relax();
     std::unique_lock<std::mutex> lock(c->mu);
-    c->cv.wait(lock, [c] { return c->helper_done; });
+    c->cv.wait(lock, [c] { return c->helper_done.load(); });
   }
   reduce(*c);
   delete c;
