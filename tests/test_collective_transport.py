@@ -230,9 +230,12 @@ def test_killed_worker_is_replaced_and_generation_matches(workers, make_checkpoi
     assert cluster.recoveries == 1 and dispatcher.sent > 20
     assert not victim.is_alive() and cluster.procs[1] is not victim  # it was replaced
     assert [c.token_ids for c in outs] == local_tokens(path, prompts, 2)
-    # the surviving worker's serve() ended because the gateway dropped the broken group
+    # the surviving worker left the broken group: its serve() ended because the gateway dropped
+    # it, or, when the gateway's drop waited on ops still pending to the dead worker (up to
+    # their timeout) for longer than the worker's grace, because the worker was told to rejoin
+    # (seen once in CI, under load)
     (survivor,) = [r for r in cluster.reports(5.0) if r[0] == 0]
-    assert survivor[1].startswith("group broke"), survivor
+    assert survivor[1].startswith("group broke") or survivor[1] == "stopped", survivor
     engine.close()
     for p in cluster.procs:
         p.join(60)
