@@ -50,6 +50,17 @@ def experts(widths, hidden, seed):
     return w13, w2
 
 
+def routed(rows, hidden, widths, k, seed):
+    """x [rows, H], ids [rows, k] (distinct experts, a quarter of slots -1: routed elsewhere),
+    weights [rows, k] and dense experts of `widths`."""
+    g = torch.Generator().manual_seed(rows)
+    w13, w2 = experts(widths, hidden, seed=seed)
+    x = torch.randn(rows, hidden, generator=g)
+    ids = torch.rand(rows, len(widths), generator=g).argsort(dim=1)[:, :k]
+    ids[torch.rand(rows, k, generator=g) < 0.25] = -1
+    return x, ids, torch.rand(rows, k, generator=g), w13, w2
+
+
 @pytest.mark.parametrize(
     "rows,hidden,widths,k",
     [
@@ -63,12 +74,7 @@ def experts(widths, hidden, seed):
     ],
 )
 def test_the_kernel_sums_as_the_reference(fused_on, rows, hidden, widths, k):
-    g = torch.Generator().manual_seed(rows)
-    w13, w2 = experts(widths, hidden, seed=rows + 1)
-    x = torch.randn(rows, hidden, generator=g)
-    ids = torch.rand(rows, len(widths), generator=g).argsort(dim=1)[:, :k]  # distinct experts
-    ids[torch.rand(rows, k, generator=g) < 0.25] = -1  # slots routed elsewhere
-    weights = torch.rand(rows, k, generator=g)
+    x, ids, weights, w13, w2 = routed(rows, hidden, widths, k, seed=rows + 1)
     b13 = [fused_moe.block13(w) for w in w13]
     b2 = [fused_moe.block2(w) for w in w2]
     got = fused_moe.fused_swiglu(x, ids, weights, b13, b2)
@@ -111,12 +117,7 @@ def test_a_call_on_the_helper_thread_gives_the_same_bits(fused_on):
     cases = []
     for rows, hidden, widths, k in [(1, 64, [32] * 4, 2), (9, 48, [64] * 6, 3), (0, 64, [32] * 4, 2),
                                     (37, 80, [32, 16, 96, 32, 64], 3), (150, 32, [48] * 4, 2)]:  # fmt: skip
-        g = torch.Generator().manual_seed(rows)
-        w13, w2 = experts(widths, hidden, seed=rows + 7)
-        x = torch.randn(rows, hidden, generator=g)
-        ids = torch.rand(rows, len(widths), generator=g).argsort(dim=1)[:, :k]
-        ids[torch.rand(rows, k, generator=g) < 0.25] = -1
-        weights = torch.rand(rows, k, generator=g)
+        x, ids, weights, w13, w2 = routed(rows, hidden, widths, k, seed=rows + 7)
         b13, b2 = [fused_moe.block13(w) for w in w13], [fused_moe.block2(w) for w in w2]
         cases.append((x, ids, weights, b13, b2))
     for _ in range(20):

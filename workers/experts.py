@@ -31,6 +31,11 @@ from . import fused_moe
 log = logging.getLogger(__name__)
 
 
+def _fused(w13) -> bool:
+    """Whether a layer's weights are blocked for the fused kernel (per-expert, its layout)."""
+    return not isinstance(w13, torch.Tensor) and len(w13) > 0 and fused_moe.is_blocked(w13[0])
+
+
 def grouped_swiglu(
     x: torch.Tensor,
     local_ids: torch.Tensor,
@@ -47,7 +52,7 @@ def grouped_swiglu(
     for `fused_moe` (CPU, float32), which computes the whole call natively.
     Returns [N, H].
     """
-    if not isinstance(w13, torch.Tensor) and len(w13) and fused_moe.is_blocked(w13[0]):
+    if _fused(w13):
         return fused_moe.fused_swiglu(x, local_ids, weights, w13, w2)
     n, k = local_ids.shape
     flat = local_ids.reshape(-1)  # [N*k]
@@ -217,8 +222,7 @@ class ExpertShard:
         for it (else computed now); `.result()` is the [N, H] output. Until then the caller
         computes beside it (the shared experts) and leaves x unchanged."""
         args = self._args(layer, x, expert_ids, weights)
-        w13 = args[3]
-        if not isinstance(w13, torch.Tensor) and len(w13) and fused_moe.is_blocked(w13[0]):
+        if _fused(args[3]):
             return fused_moe.start_swiglu(*args)
         return Done(grouped_swiglu(*args))
 

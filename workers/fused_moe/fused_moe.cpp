@@ -142,7 +142,6 @@ static void expert_rows(const float* xs, int64_t c, float* act, float* y, int64_
   }
 }
 
-
 // One layer's call: what to compute, grouped by expert, and where each (row, slot) pair's
 // unweighted expert output goes. Experts are the unit of work: any thread claims the next one
 // (`next`); each writes only its experts' rows of `ys`, so which thread took which expert does
