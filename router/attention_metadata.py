@@ -70,6 +70,7 @@ def _group(seqs, start, q_len, offsets, tables, block_size, device, split: bool)
         mask=mask[:, None].to(device),
         tokens=q_index[q_valid].to(device) if split else None,
         decode=qmax == 1,
+        context_lens=(start + q_len).to(device),
     )
 
 

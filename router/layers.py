@@ -16,6 +16,8 @@ from expertmesh.ernie.packed_linear import FusedLinear, PackedLinear
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import decode_attention
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -89,6 +91,7 @@ class AttnGroup:
     mask: torch.Tensor  # [Bg, 1, Qmax, Lmax] bool, True where attention is allowed
     tokens: torch.Tensor | None  # [Tg] = q_index[q_valid]; None: the group is all T, in order
     decode: bool = False  # one new token per sequence (Qmax == 1): no gather, no scatter back
+    context_lens: torch.Tensor | None = None  # [Bg] keys each sequence's last query sees
 
 
 @dataclass
@@ -127,6 +130,14 @@ class Attention(nn.Module):
         # x: [T, H]; k_cache, v_cache: [slots, kv_heads, D] of this layer
         t = x.shape[0]
         q, k, v = self._qkv(x, (self.q_proj, self.k_proj, self.v_proj))  # [T, heads*D], ...
+        g = meta.groups[0]
+        if g.decode and g.tokens is None and decode_attention.usable(q.dtype, q.device):
+            if k_cache.dtype == torch.float32:  # every sequence decodes: one native call
+                out = decode_attention.decode_attention(
+                    q, k, v, rope, meta.slot_mapping, k_cache, v_cache,
+                    g.kv_blocks, g.context_lens, g.block_size,
+                )  # fmt: skip
+                return self.o_proj(out.reshape(t, self.heads * self.head_dim))  # [T, H]
         q = q.reshape(t, self.heads, self.head_dim)
         k = k.reshape(t, self.kv_heads, self.head_dim)
         v = v.reshape(t, self.kv_heads, self.head_dim)

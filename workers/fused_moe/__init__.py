@@ -37,21 +37,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
+from expertmesh.ernie import native
 
 SOURCE = Path(__file__).with_name("fused_moe.cpp")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17"]
 ABI = 2  # em_fused_moe_abi() of the source this module calls
 
 
@@ -59,48 +52,15 @@ def _setting() -> str:
     return os.environ.get("EXPERTMESH_FUSED_MOE", "auto")
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
 def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    return native.compiler()
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel (built on first call), or None where it cannot be built."""
-    cxx = _compiler()
-    if cxx is None:
-        log.warning("no C++ compiler: the routed experts stay on oneDNN's matmuls")
-        return None
-    try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
-        key = hashlib.sha256(
-            SOURCE.read_bytes() + version.stdout.encode() + " ".join(FLAGS).encode()
-            + _cpu_flags().encode()
-        ).hexdigest()[:16]  # fmt: skip
-        cache = Path(os.environ.get("EXPERTMESH_CACHE", Path.home() / ".cache" / "expertmesh"))
-        cache.mkdir(parents=True, exist_ok=True)
-        so = cache / f"fused_moe-{key}.so"
-        if not so.exists():
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:  # rename: never a half .so
-                out = Path(tmp) / so.name
-                subprocess.run(
-                    [cxx, *FLAGS, "-o", str(out), str(SOURCE)],
-                    check=True, capture_output=True, text=True, timeout=300,
-                )  # fmt: skip
-                os.replace(out, so)
-        lib = ctypes.CDLL(str(so))
-        if lib.em_fused_moe_abi() != ABI:
-            raise RuntimeError(f"{so} is not the kernel this module calls")
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or ""
-        log.warning("fused MoE kernel not built (%s %s): oneDNN's matmuls instead", e, detail)
+    lib = native.build(SOURCE, ABI, _compiler(), "the routed experts stay on oneDNN's matmuls")
+    if lib is None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     args = [p, i64, i64, p, p, i64, i64, p, p, p, p]

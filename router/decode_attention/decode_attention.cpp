@@ -1,0 +1,174 @@
+// A decode step's attention on CPU, fp32, one call per layer: rotary on the new q and k, k and v
+// written to the paged cache, and each sequence's one query against its whole context, read
+// from the cache's blocks in place.
+//
+// Why: through torch this is ~40 ops per layer (rotary as complex views, two index_copy_, two
+// index_selects that copy every sequence's padded context out of the cache, the mask, SDPA,
+// reshapes), 250 us per layer at batch 1 on this project's 2-core machines where the weights
+// take ~80 us, and more at batch 32, where the copies grow with the contexts. Build:
+// ernie/native.py (`g++ -O3 -march=native`); no torch headers, called through ctypes.
+//
+// Layouts: q [T, hq, d] rows q_ld floats apart (likewise k and v with hkv heads: views into the
+// packed qkv projection); rot [T, d/2, 2] (cos, sin) per interleaved pair (x[2i], x[2i+1]);
+// caches [slots, hkv, d]; tables [T, nblk] cache blocks of each sequence (a block is
+// block_size consecutive slots); ctx [T] keys each query sees (its own position + 1);
+// out [T, hq, d]. The query heads of one kv head (hq / hkv of them) share its keys and values.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"  // v16, ld, st, splat, vexp (expertmesh/ernie)
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline float hsum(v16 v) {  // a tree, not 16 dependent adds
+  v8 a, b;
+  std::memcpy(&a, &v, 32);
+  std::memcpy(&b, reinterpret_cast<char*>(&v) + 32, 32);
+  a += b;
+  v4 c, e;
+  std::memcpy(&c, &a, 16);
+  std::memcpy(&e, reinterpret_cast<char*>(&a) + 16, 16);
+  c += e;
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+static inline float dot(const float* a, const float* b, int64_t d) {
+  v16 acc = v16{};
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) acc += ld(a + i) * ld(b + i);
+  float s = hsum(acc);
+  for (; i < d; i++) s += a[i] * b[i];
+  return s;
+}
+
+// y[i] += p * x[i]
+static inline void axpy(float* y, float p, const float* x, int64_t d) {
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) st(y + i, ld(y + i) + p * ld(x + i));
+  for (; i < d; i++) y[i] += p * x[i];
+}
+
+// x [heads, d] rotated by rot [d/2, 2] into y (y may be x)
+static inline void rotate(const float* x, const float* rot, float* y, int64_t heads, int64_t d) {
+  for (int64_t h = 0; h < heads; h++)
+    for (int64_t i = 0; i < d / 2; i++) {
+      float x0 = x[h * d + 2 * i], x1 = x[h * d + 2 * i + 1];
+      float c = rot[2 * i], s = rot[2 * i + 1];
+      y[h * d + 2 * i] = x0 * c - x1 * s;
+      y[h * d + 2 * i + 1] = x0 * s + x1 * c;
+    }
+}
+
+// p[0:n] = exp(p - max) / sum, in place
+static void softmax(float* p, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; j++) m = p[j] > m ? p[j] : m;
+  float sum = 0;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    v16 e = vexp(ld(p + j) - m);
+    st(p + j, e);
+    sum += hsum(e);
+  }
+  for (; j < n; j++) {
+    p[j] = std::exp(p[j] - m);
+    sum += p[j];
+  }
+  float inv = 1.0f / sum;
+  for (j = 0; j < n; j++) p[j] *= inv;
+}
+
+// Slot j of a context: its row in a cache laid out [slots, hkv, d].
+static inline int64_t slot(const int64_t* table, int64_t block_size, int64_t j) {
+  return table[j / block_size] * block_size + j % block_size;
+}
+
+// The query heads of one kv head, one at a time: scores against every key (the query in
+// registers), softmax, then the weighted values summed in registers. kc, vc: the caches from
+// this kv head's first float on, rows `row` floats apart; p: n floats of scratch.
+template <int D16>
+static void head_group(const float* qg, int64_t group, const float* kc, const float* vc,
+                       int64_t row, const int64_t* table, int64_t block_size, int64_t n,
+                       float* p, float* og) {
+  for (int64_t h = 0; h < group; h++) {
+    v16 qv[D16], acc[D16];
+    for (int c = 0; c < D16; c++) qv[c] = ld(qg + h * D16 * 16 + 16 * c), acc[c] = v16{};
+    for (int64_t j = 0; j < n; j++) {
+      const float* kj = kc + slot(table, block_size, j) * row;
+      v16 s = qv[0] * ld(kj);
+      for (int c = 1; c < D16; c++) s += qv[c] * ld(kj + 16 * c);
+      p[j] = hsum(s);
+    }
+    softmax(p, n);
+    for (int64_t j = 0; j < n; j++) {
+      const float* vj = vc + slot(table, block_size, j) * row;
+      for (int c = 0; c < D16; c++) acc[c] += p[j] * ld(vj + 16 * c);
+    }
+    for (int c = 0; c < D16; c++) st(og + h * D16 * 16 + 16 * c, acc[c]);
+  }
+}
+
+static void head_group_any(const float* qg, int64_t group, int64_t d, const float* kc,
+                           const float* vc, int64_t row, const int64_t* table,
+                           int64_t block_size, int64_t n, float* p, float* og) {
+  for (int64_t h = 0; h < group; h++) {
+    for (int64_t j = 0; j < n; j++)
+      p[j] = dot(qg + h * d, kc + slot(table, block_size, j) * row, d);
+    softmax(p, n);
+    float* o = og + h * d;
+    std::fill(o, o + d, 0.0f);
+    for (int64_t j = 0; j < n; j++) axpy(o, p[j], vc + slot(table, block_size, j) * row, d);
+  }
+}
+
+extern "C" int em_decode_attention_abi() { return 1; }
+
+// Returns 0, or -1 (and touches nothing) when a slot, block or context length is out of range.
+extern "C" int em_decode_attention_f32(int64_t T, int64_t hq, int64_t hkv, int64_t d,
+                                       const float* q, int64_t q_ld, const float* k, int64_t k_ld,
+                                       const float* v, int64_t v_ld, const float* rot,
+                                       const int64_t* slot_mapping, float* k_cache,
+                                       float* v_cache, int64_t slots, const int64_t* tables,
+                                       int64_t nblk, int64_t block_size, const int64_t* ctx,
+                                       float scale, float* out) {
+  if (hkv <= 0 || hq % hkv || d % 2 || block_size <= 0) return -1;
+  const int64_t blocks = slots / block_size;
+  for (int64_t t = 0; t < T; t++) {
+    if (slot_mapping[t] < 0 || slot_mapping[t] >= slots) return -1;
+    if (ctx[t] < 1 || ctx[t] > nblk * block_size) return -1;
+    for (int64_t b = 0; b < (ctx[t] + block_size - 1) / block_size; b++)
+      if (tables[t * nblk + b] < 0 || tables[t * nblk + b] >= blocks) return -1;
+  }
+  const int64_t row = hkv * d;  // floats per cache slot
+  for (int64_t t = 0; t < T; t++) {  // every new key and value first
+    float* kc = k_cache + slot_mapping[t] * row;
+    rotate(k + t * k_ld, rot + t * d, kc, hkv, d);
+    std::memcpy(v_cache + slot_mapping[t] * row, v + t * v_ld, row * sizeof(float));
+  }
+  const int64_t group = hq / hkv;
+  std::vector<float> qr(hq * d), p;
+  for (int64_t t = 0; t < T; t++) {
+    const int64_t n = ctx[t];
+    const int64_t* table = tables + t * nblk;
+    rotate(q + t * q_ld, rot + t * d, qr.data(), hq, d);
+    for (float& x : qr) x *= scale;
+    p.resize(n);
+    for (int64_t g = 0; g < hkv; g++) {
+      const float* qg = qr.data() + g * group * d;  // [group, d]
+      float* og = out + (t * hq + g * group) * d;  // [group, d]
+      const float *kc = k_cache + g * d, *vc = v_cache + g * d;
+      if (d == 64)
+        head_group<4>(qg, group, kc, vc, row, table, block_size, n, p.data(), og);
+      else if (d == 128)
+        head_group<8>(qg, group, kc, vc, row, table, block_size, n, p.data(), og);
+      else
+        head_group_any(qg, group, d, kc, vc, row, table, block_size, n, p.data(), og);
+    }
+  }
+  return 0;
+}
+
