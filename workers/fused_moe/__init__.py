@@ -20,7 +20,7 @@ on the experts the helper has not claimed (all of them, if the helper did not ge
 the call is never slower than computing it on the caller). The medium checkpoint's local
 decode step on 2 cores, in process: 12.4 -> 9.0 / 30.7 -> 20.7 / 48.4 -> 38.3 ms at batch 1 /
 8 / 32 in one period, 12.9 -> 11.0 / 30.5 -> 25.0 ms in another, when a second core added 12%
-of memory bandwidth (`scripts/bench_bandwidth.py`). The dispatcher uses it from 8 rows on.
+of memory bandwidth (`scripts/bench_bandwidth.py`). The dispatcher uses it for every layer.
 `EXPERTMESH_FUSED_MOE_HELPER` = `auto` (a process that may use more than one core), 1 or 0.
 
 `EXPERTMESH_FUSED_MOE` chooses: `auto` (the default) for float32 CPU shards in a process that
