@@ -1,7 +1,7 @@
 """A decode step's attention through the native kernel or through torch, per layer and per step.
 
     python scripts/bench_decode_attention.py                # the medium config, batches 1 8 32
-    python scripts/bench_decode_attention.py --model DIR --batch 1 16 --context 512
+    python scripts/bench_decode_attention.py --model DIR --batch 1 16 --context 512 --prompt-len 1024
 
 One torch thread, fp32. First one layer's attention alone (`layers.Attention` without its
 projections: rotary, cache writes, attention over a paged cache) at each batch and context
@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--model", help="checkpoint dir; default: the medium config, made here")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--context", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--prompt-len", type=int, default=64, help="of the engine's requests")
     ap.add_argument("--blocks", type=int, default=6, help="blocks per side")
     ap.add_argument("--steps", type=int, default=12, help="steps per block")
     a = ap.parse_args()
@@ -110,13 +111,13 @@ def main() -> None:
         with open_engine(cfg) as engine:
             steps = a.blocks * 2 * (a.steps + 1) + 8
             vocab = engine.model_cfg.vocab_size
-            print("\ndecode step, 64-token prompts:")
+            print(f"\ndecode step, {a.prompt_len}-token prompts:")
             print("| batch | torch ms | kernel ms | torch / kernel |\n|---|---|---|---|")
             for b in a.batch:
                 g = torch.Generator().manual_seed(b)
                 params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
                 for i in range(b):
-                    prompt = torch.randint(5, vocab, (64,), generator=g).tolist()
+                    prompt = torch.randint(5, vocab, (a.prompt_len,), generator=g).tolist()
                     engine.add_request(f"b{b}-{i}", prompt, params)
                 while engine.num_waiting or any(
                     s.num_generated == 0 for s in engine.scheduler.running

@@ -87,41 +87,40 @@ static inline int64_t slot(const int64_t* table, int64_t block_size, int64_t j) 
   return table[j / block_size] * block_size + j % block_size;
 }
 
-// The query heads of one kv head, one at a time: scores against every key (the query in
-// registers), softmax, then the weighted values summed in registers. kc, vc: the caches from
-// this kv head's first float on, rows `row` floats apart; p: n floats of scratch.
+// dot and axpy of d = 16 * D16 floats, unrolled (D16 = 0: any d, at run time)
 template <int D16>
-static void head_group(const float* qg, int64_t group, const float* kc, const float* vc,
-                       int64_t row, const int64_t* table, int64_t block_size, int64_t n,
-                       float* p, float* og) {
-  for (int64_t h = 0; h < group; h++) {
-    v16 qv[D16], acc[D16];
-    for (int c = 0; c < D16; c++) qv[c] = ld(qg + h * D16 * 16 + 16 * c), acc[c] = v16{};
-    for (int64_t j = 0; j < n; j++) {
-      const float* kj = kc + slot(table, block_size, j) * row;
-      v16 s = qv[0] * ld(kj);
-      for (int c = 1; c < D16; c++) s += qv[c] * ld(kj + 16 * c);
-      p[j] = hsum(s);
-    }
-    softmax(p, n);
-    for (int64_t j = 0; j < n; j++) {
-      const float* vj = vc + slot(table, block_size, j) * row;
-      for (int c = 0; c < D16; c++) acc[c] += p[j] * ld(vj + 16 * c);
-    }
-    for (int c = 0; c < D16; c++) st(og + h * D16 * 16 + 16 * c, acc[c]);
-  }
+static inline float dot_n(const float* a, const float* b, int64_t d) {
+  if (D16 == 0) return dot(a, b, d);
+  v16 s = ld(a) * ld(b);
+  for (int c = 1; c < D16; c++) s += ld(a + 16 * c) * ld(b + 16 * c);
+  return hsum(s);
 }
 
-static void head_group_any(const float* qg, int64_t group, int64_t d, const float* kc,
-                           const float* vc, int64_t row, const int64_t* table,
-                           int64_t block_size, int64_t n, float* p, float* og) {
-  for (int64_t h = 0; h < group; h++) {
-    for (int64_t j = 0; j < n; j++)
-      p[j] = dot(qg + h * d, kc + slot(table, block_size, j) * row, d);
-    softmax(p, n);
-    float* o = og + h * d;
-    std::fill(o, o + d, 0.0f);
-    for (int64_t j = 0; j < n; j++) axpy(o, p[j], vc + slot(table, block_size, j) * row, d);
+template <int D16>
+static inline void axpy_n(float* y, float p, const float* x, int64_t d) {
+  if (D16 == 0) return axpy(y, p, x, d);
+  for (int c = 0; c < D16; c++) st(y + 16 * c, ld(y + 16 * c) + p * ld(x + 16 * c));
+}
+
+// One query token, every head: each key and value row (all kv heads, `row` floats) is read
+// once from the cache, for all the query heads; scores p [hq, n], then out [hq, d] summed
+// in acc. qr: the rotated, scaled query [hq, d].
+template <int D16>
+static void attend(const float* qr, int64_t hq, int64_t hkv, int64_t d, const float* k_cache,
+                   const float* v_cache, int64_t row, const int64_t* table, int64_t block_size,
+                   int64_t n, float* p, float* acc) {
+  const int64_t group = hq / hkv;
+  for (int64_t j = 0; j < n; j++) {
+    const float* kj = k_cache + slot(table, block_size, j) * row;
+    if (j + 8 < n) __builtin_prefetch(k_cache + slot(table, block_size, j + 8) * row);
+    for (int64_t h = 0; h < hq; h++) p[h * n + j] = dot_n<D16>(qr + h * d, kj + h / group * d, d);
+  }
+  for (int64_t h = 0; h < hq; h++) softmax(p + h * n, n);
+  std::fill(acc, acc + hq * d, 0.0f);
+  for (int64_t j = 0; j < n; j++) {
+    const float* vj = v_cache + slot(table, block_size, j) * row;
+    if (j + 8 < n) __builtin_prefetch(v_cache + slot(table, block_size, j + 8) * row);
+    for (int64_t h = 0; h < hq; h++) axpy_n<D16>(acc + h * d, p[h * n + j], vj + h / group * d, d);
   }
 }
 
@@ -149,25 +148,16 @@ extern "C" int em_decode_attention_f32(int64_t T, int64_t hq, int64_t hkv, int64
     rotate(k + t * k_ld, rot + t * d, kc, hkv, d);
     std::memcpy(v_cache + slot_mapping[t] * row, v + t * v_ld, row * sizeof(float));
   }
-  const int64_t group = hq / hkv;
-  std::vector<float> qr(hq * d), p;
+  std::vector<float> qr(hq * d), acc(hq * d), p;
   for (int64_t t = 0; t < T; t++) {
     const int64_t n = ctx[t];
     const int64_t* table = tables + t * nblk;
     rotate(q + t * q_ld, rot + t * d, qr.data(), hq, d);
     for (float& x : qr) x *= scale;
-    p.resize(n);
-    for (int64_t g = 0; g < hkv; g++) {
-      const float* qg = qr.data() + g * group * d;  // [group, d]
-      float* og = out + (t * hq + g * group) * d;  // [group, d]
-      const float *kc = k_cache + g * d, *vc = v_cache + g * d;
-      if (d == 64)
-        head_group<4>(qg, group, kc, vc, row, table, block_size, n, p.data(), og);
-      else if (d == 128)
-        head_group<8>(qg, group, kc, vc, row, table, block_size, n, p.data(), og);
-      else
-        head_group_any(qg, group, d, kc, vc, row, table, block_size, n, p.data(), og);
-    }
+    p.resize(hq * n);
+    auto run = d == 64 ? attend<4> : d == 128 ? attend<8> : attend<0>;
+    run(qr.data(), hq, hkv, d, k_cache, v_cache, row, table, block_size, n, p.data(), acc.data());
+    std::memcpy(out + t * hq * d, acc.data(), hq * d * sizeof(float));
   }
   return 0;
 }
