@@ -244,7 +244,7 @@ class LocalDispatcher(Dispatcher):
     core) the fused kernel starts a layer of at least `overlap_rows` tokens on its helper
     thread at dispatch, while the caller computes the shared experts, and joins in on what is
     left at combine. Every layer, one row too: at one stream over HTTP the inter-token latency
-    was 3-10% lower with it than with 8 rows as the threshold, in 6 of 6 alternating pairs of
+    was 3-17% lower with it than with 8 rows as the threshold, in 6 of 6 alternating pairs of
     fresh servers (seventh session, after the native decode attention; the sixth session had
     seen no difference, the second core also runs the HTTP side)."""
 
