@@ -15,6 +15,7 @@ from expertmesh.ernie.config import ModelConfig
 from expertmesh.ernie.packed_linear import PackedLinear
 from torch import nn
 
+from . import decode_attention
 from .dispatch import Dispatcher
 from .gate import ModalGate, Statics, route
 from .layers import MLP, Attention, AttnMeta, RMSNorm, Rotary, rotation
@@ -169,6 +170,7 @@ class GatewayModel(nn.Module):
         if cfg.is_vl:
             tower = model.model.vision_model
             tower.register_buffer("inv_freq", axial_inv_freq(cfg.vision), persistent=False)
+        decode_attention.usable(dtype, device)  # its kernel built now, not in the first step
         return model.to(device).eval()
 
 
