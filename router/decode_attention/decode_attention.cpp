@@ -82,11 +82,6 @@ static void softmax(float* p, int64_t n) {
   for (j = 0; j < n; j++) p[j] *= inv;
 }
 
-// Slot j of a context: its row in a cache laid out [slots, hkv, d].
-static inline int64_t slot(const int64_t* table, int64_t block_size, int64_t j) {
-  return table[j / block_size] * block_size + j % block_size;
-}
-
 // dot and axpy of d = 16 * D16 floats, unrolled (D16 = 0: any d, at run time)
 template <int D16>
 static inline float dot_n(const float* a, const float* b, int64_t d) {
@@ -104,23 +99,32 @@ static inline void axpy_n(float* y, float p, const float* x, int64_t d) {
 
 // One query token, every head: each key and value row (all kv heads, `row` floats) is read
 // once from the cache, for all the query heads; scores p [hq, n], then out [hq, d] summed
-// in acc. qr: the rotated, scaled query [hq, d].
+// in acc. qr: the rotated, scaled query [hq, d]. Loops run block by block (no division per
+// key) and kv head by kv head (no division per head).
 template <int D16>
 static void attend(const float* qr, int64_t hq, int64_t hkv, int64_t d, const float* k_cache,
                    const float* v_cache, int64_t row, const int64_t* table, int64_t block_size,
                    int64_t n, float* p, float* acc) {
   const int64_t group = hq / hkv;
-  for (int64_t j = 0; j < n; j++) {
-    const float* kj = k_cache + slot(table, block_size, j) * row;
-    if (j + 8 < n) __builtin_prefetch(k_cache + slot(table, block_size, j + 8) * row);
-    for (int64_t h = 0; h < hq; h++) p[h * n + j] = dot_n<D16>(qr + h * d, kj + h / group * d, d);
+  for (int64_t b = 0, j0 = 0; j0 < n; b++, j0 += block_size) {
+    const float* kb = k_cache + table[b] * block_size * row;
+    for (int64_t j = j0; j < std::min(n, j0 + block_size); j++) {
+      const float* kj = kb + (j - j0) * row;
+      for (int64_t g = 0, h = 0; g < hkv; g++)
+        for (int64_t e = 0; e < group; e++, h++)
+          p[h * n + j] = dot_n<D16>(qr + h * d, kj + g * d, d);
+    }
   }
   for (int64_t h = 0; h < hq; h++) softmax(p + h * n, n);
   std::fill(acc, acc + hq * d, 0.0f);
-  for (int64_t j = 0; j < n; j++) {
-    const float* vj = v_cache + slot(table, block_size, j) * row;
-    if (j + 8 < n) __builtin_prefetch(v_cache + slot(table, block_size, j + 8) * row);
-    for (int64_t h = 0; h < hq; h++) axpy_n<D16>(acc + h * d, p[h * n + j], vj + h / group * d, d);
+  for (int64_t b = 0, j0 = 0; j0 < n; b++, j0 += block_size) {
+    const float* vb = v_cache + table[b] * block_size * row;
+    for (int64_t j = j0; j < std::min(n, j0 + block_size); j++) {
+      const float* vj = vb + (j - j0) * row;
+      for (int64_t g = 0, h = 0; g < hkv; g++)
+        for (int64_t e = 0; e < group; e++, h++)
+          axpy_n<D16>(acc + h * d, p[h * n + j], vj + g * d, d);
+    }
   }
 }
 
