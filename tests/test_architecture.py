@@ -134,3 +134,21 @@ def test_the_checks_catch_a_violation(tmp_path):
     g = graph()
     g["router.engine"] = g["router.engine"] | {"router.loop"}  # loop imports engine
     assert find_cycle(g) is not None
+
+
+def test_every_package_and_its_sources_are_installed():
+    """A non-editable install (the Docker image, a wheel) carries every package folder, and the
+    kernels' C++ sources and headers that are built on first use."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    data = tool["package-data"]
+    for pkg in PACKAGES:
+        for init in sorted((ROOT / pkg).rglob("__init__.py")):
+            folder = init.parent.relative_to(ROOT)
+            name = "expertmesh." + ".".join(folder.parts)
+            assert name in listed, f"{folder}/ is not in pyproject's packages"
+            for src in [*(ROOT / folder).glob("*.cpp"), *(ROOT / folder).glob("*.h")]:
+                patterns = data.get(name, [])
+                assert any(src.match(p) for p in patterns), f"{src} is not in package-data"
