@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import CONFIGS, prompts_of, reference_model
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
-from expertmesh.router.engine import LLMEngine
+from expertmesh.router.engine import EngineConfig, LLMEngine
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.workers import fused_moe
 from expertmesh.workers.experts import ExpertShard, grouped_swiglu
@@ -84,6 +84,28 @@ def test_the_kernel_sums_as_the_reference(fused_on, rows, hidden, widths, k):
     assert torch.allclose(got.double(), want, rtol=0, atol=1e-5 * scale)
     # the same call through grouped_swiglu, which takes the kernel for blocked weights
     torch.testing.assert_close(grouped_swiglu(x, ids, weights, b13, b2), got)
+
+
+@pytest.mark.parametrize("rows,hidden,widths,k", [(1, 64, [32] * 4, 2), (37, 80, [32, 96, 64], 3)])
+@pytest.mark.parametrize("helper", [False, True])
+def test_bfloat16_weights_sum_as_the_reference(fused_on, rows, hidden, widths, k, helper):
+    """bf16 weights (and bf16 rows in, bf16 out) computed in fp32: the float64 sum of the
+    same bf16 values, rounded once to bf16 at the end."""
+    x, ids, weights, w13, w2 = routed(rows, hidden, widths, k, seed=rows + 7)
+    x, w13, w2 = x.bfloat16(), [w.bfloat16() for w in w13], [w.bfloat16() for w in w2]
+    b13 = [fused_moe.block13(w) for w in w13]
+    b2 = [fused_moe.block2(w) for w in w2]
+    assert b13[0].dtype == torch.bfloat16
+    call = fused_moe.start_swiglu if helper else fused_moe.fused_swiglu
+    got = call(x, ids, weights, b13, b2)
+    got = got.result() if helper else got
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, hidden)
+    want = reference(x.float(), ids, weights, [w.float() for w in w13], [w.float() for w in w2])
+    torch.testing.assert_close(got, want.bfloat16(), rtol=8e-3, atol=1e-5)
+    exact = fused_moe.fused_swiglu(x.float(), ids, weights, b13, b2)  # fp32 rows, bf16 weights
+    assert torch.allclose(exact.double(), want, rtol=0, atol=1e-5 * max(1.0, want.abs().max()))
+    with pytest.raises(ValueError, match="float32 or all bfloat16"):
+        fused_moe.fused_swiglu(x, ids, weights, [b13[0].float(), *b13[1:]], b2)
 
 
 def test_an_expert_twice_in_a_row_and_large_activations(fused_on):
@@ -173,7 +195,8 @@ def test_when_the_kernel_is_taken(monkeypatch, fused_on):
     try:
         torch.set_num_threads(1)
         assert fused_moe.usable(f32, cpu, 64, [32, 48])
-        assert not fused_moe.usable(torch.bfloat16, cpu, 64, [32])
+        assert fused_moe.usable(torch.bfloat16, cpu, 64, [32])  # weights widened in registers
+        assert not fused_moe.usable(torch.float16, cpu, 64, [32])
         assert not fused_moe.usable(f32, "meta", 64, [32])
         assert not fused_moe.usable(f32, cpu, 40, [32])  # hidden not a multiple of 16
         assert not fused_moe.usable(f32, cpu, 64, [32, 24])  # nor a width
@@ -281,6 +304,25 @@ def test_engine_logits_and_greedy_tokens_match_transformers(
         for prompt, out in zip(prompts, outs):
             want = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
             assert out.token_ids == want[0, len(prompt) :].tolist()
+
+
+def test_bfloat16_engine_through_the_kernel_stays_close_to_fp32(fused_on, make_checkpoint):
+    """A bf16 engine whose shards hold blocked bf16 weights: its logits track fp32's as the
+    torch bf16 path's do (bf16 keeps ~3 significant digits)."""
+    path = make_checkpoint(**CONFIGS["top2of8-shared1"])
+    prompt = prompts_of([16], 200)[0]
+    engine = LLMEngine.from_checkpoint(path, EngineConfig(dtype="bfloat16"), num_shards=2)
+    layer = engine.model_cfg.moe_layers[0]
+    w13 = engine.dispatcher.shards[0].weights[layer][0]
+    assert fused_moe.is_blocked(w13[0]) and w13[0].dtype == torch.bfloat16
+    got = engine.score([prompt])[0]
+    with torch.no_grad():
+        want = reference_model(path)(torch.tensor([prompt])).logits[0].float()
+    assert torch.isfinite(got).all()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    outs = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert len(outs[0].token_ids) == 8
 
 
 def test_vl_engine_matches_transformers(fused_on, vl_checkpoint):

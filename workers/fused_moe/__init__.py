@@ -45,7 +45,7 @@ import torch
 from expertmesh.ernie import native
 
 SOURCE = Path(__file__).with_name("fused_moe.cpp")
-ABI = 2  # em_fused_moe_abi() of the source this module calls
+ABI = 3  # em_fused_moe_abi() of the source this module calls
 
 
 def _setting() -> str:
@@ -63,11 +63,14 @@ def library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    args = [p, i64, i64, p, p, i64, i64, p, p, p, p]
+    args = [p, i64, i64, p, p, i64, i64, p, p, p, i64, p]
     lib.em_fused_moe_f32.argtypes, lib.em_fused_moe_f32.restype = args, ctypes.c_int
     lib.em_fused_moe_f32_start.argtypes, lib.em_fused_moe_f32_start.restype = args, p
     lib.em_fused_moe_wait.argtypes, lib.em_fused_moe_wait.restype = [p], None
     return lib
+
+
+_DTYPES = (torch.float32, torch.bfloat16)  # of the weights; the kernel computes in float32
 
 
 def usable(
@@ -75,7 +78,7 @@ def usable(
 ) -> bool:
     """Whether experts of these shapes compute through the kernel in this process."""
     setting = _setting()
-    if setting == "0" or dtype != torch.float32 or torch.device(device).type != "cpu":
+    if setting == "0" or dtype not in _DTYPES or torch.device(device).type != "cpu":
         return False
     if hidden % 16 or any(w % 16 for w in widths):
         return False
@@ -155,7 +158,7 @@ class Started:
         if self._handle is not None:
             self._call.lib.em_fused_moe_wait(self._handle)
             self._handle = None
-        return self._call.out
+        return self._call.result()
 
     def __del__(self):  # dropped unawaited (the caller failed meanwhile): never free the
         self.result()  # buffers under the helper's feet
@@ -167,28 +170,35 @@ class _Call:
     def __init__(self, x, local_ids, weights, w13, w2):
         self.lib = library()
         assert self.lib is not None, "fused_swiglu without a built kernel"
-        self.x = x.contiguous()
+        self.dtype = x.dtype  # of the result; the kernel reads and writes float32 rows
+        self.x = x.to(torch.float32).contiguous()
         self.ids = local_ids.to(torch.int64).contiguous()
         self.topw = weights.to(torch.float32).contiguous()
         self.out = torch.empty_like(self.x)
         self.w13, self.w2 = list(w13), list(w2)  # the weights stay alive with the call
         e = len(w13)
+        kinds = {w.dtype for w in (*self.w13, *self.w2)}
+        if len(kinds) > 1 or not kinds <= set(_DTYPES):
+            raise ValueError(f"expert weights must all be float32 or all bfloat16, not {kinds}")
         self.args = (
             self.x.data_ptr(), self.x.shape[0], self.x.shape[1], self.ids.data_ptr(),
             self.topw.data_ptr(), self.ids.shape[1], e,
             (ctypes.c_void_p * e)(*[w.data_ptr() for w in w13]),
             (ctypes.c_void_p * e)(*[w.data_ptr() for w in w2]),
             (ctypes.c_int64 * e)(*[w.shape[1] for w in w2]),
-            self.out.data_ptr(),
+            int(kinds == {torch.bfloat16}), self.out.data_ptr(),
         )  # fmt: skip
 
     def _range_error(self) -> ValueError:
         return ValueError(f"expert ids out of range 0..{len(self.w13) - 1}")
 
+    def result(self) -> torch.Tensor:
+        return self.out if self.dtype == torch.float32 else self.out.to(self.dtype)
+
     def run(self) -> torch.Tensor:
         if self.lib.em_fused_moe_f32(*self.args) != 0:
             raise self._range_error()
-        return self.out
+        return self.result()
 
     def start(self) -> Started:
         handle = self.lib.em_fused_moe_f32_start(*self.args)

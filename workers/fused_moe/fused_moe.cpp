@@ -41,19 +41,32 @@ static inline void relax() {  // in a spin loop
 #endif
 }
 
+// 16 weights as floats: fp32 as they are, bf16 (the top half of an fp32) widened exactly
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+static inline v16 ldw(const float* p) { return ld(p); }
+static inline v16 ldw(const uint16_t* p) {
+  vh16 h;
+  std::memcpy(&h, p, 32);
+  vu16 w = __builtin_convertvector(h, vu16) << 16;
+  v16 f;
+  std::memcpy(&f, &w, 64);
+  return f;
+}
+
 static inline v16 silu(v16 g) { return g / (1.0f + vexp(-g)); }
 
 // act[m, 16j:16j+16] = silu(x[m] . gate_j) * (x[m] . up_j) for MT rows.
-template <int MT>
-static inline void up_tile(const float* x, int64_t H, const float* b, float* act, int64_t ip,
+template <int MT, typename W>
+static inline void up_tile(const float* x, int64_t H, const W* b, float* act, int64_t ip,
                            int64_t j) {
   v16 g[MT], u[MT];
   for (int m = 0; m < MT; m++) g[m] = u[m] = v16{};
-  const float* bg = b;
-  const float* bu = b + H * 16;
+  const W* bg = b;
+  const W* bu = b + H * 16;
   for (int64_t k = 0; k < H; k++) {
     PF(bg + 16 * k + DIST); PF(bu + 16 * k + DIST);
-    v16 wg = ld(bg + 16 * k), wu = ld(bu + 16 * k);
+    v16 wg = ldw(bg + 16 * k), wu = ldw(bu + 16 * k);
     for (int m = 0; m < MT; m++) {
       float xv = x[m * H + k];
       g[m] += xv * wg;
@@ -64,17 +77,17 @@ static inline void up_tile(const float* x, int64_t H, const float* b, float* act
 }
 
 // y[m, 16h:16h+16 (and the next block when TWO)] = act[m] . down_h for MT rows.
-template <int MT, bool TWO>
-static inline void down_tile(const float* act, int64_t ip, const float* b, float* y, int64_t H,
+template <int MT, bool TWO, typename W>
+static inline void down_tile(const float* act, int64_t ip, const W* b, float* y, int64_t H,
                              int64_t hb) {
   v16 a0[MT], a1[MT];
   for (int m = 0; m < MT; m++) a0[m] = a1[m] = v16{};
-  const float* b0 = b;
-  const float* b1 = b + ip * 16;
+  const W* b0 = b;
+  const W* b1 = b + ip * 16;
   for (int64_t k = 0; k < ip; k++) {
     PF(b0 + 16 * k + DIST); if (TWO) PF(b1 + 16 * k + DIST);
-    v16 w0 = ld(b0 + 16 * k);
-    v16 w1 = TWO ? ld(b1 + 16 * k) : v16{};
+    v16 w0 = ldw(b0 + 16 * k);
+    v16 w1 = TWO ? ldw(b1 + 16 * k) : v16{};
     for (int m = 0; m < MT; m++) {
       float av = act[m * ip + k];
       a0[m] += av * w0;
@@ -87,31 +100,38 @@ static inline void down_tile(const float* act, int64_t ip, const float* b, float
   }
 }
 
-// One row tile's share of column block j (up) or of block pair hb (down), MT = 1..8 rows.
-typedef void (*up_fn)(const float*, int64_t, const float*, float*, int64_t, int64_t);
-typedef void (*down_fn)(const float*, int64_t, const float*, float*, int64_t, int64_t);
-static const up_fn UP[9] = {nullptr,     up_tile<1>, up_tile<2>, up_tile<3>, up_tile<4>,
-                            up_tile<5>, up_tile<6>, up_tile<7>, up_tile<8>};
-static const down_fn DOWN2[9] = {nullptr,
-                                 down_tile<1, true>, down_tile<2, true>, down_tile<3, true>,
-                                 down_tile<4, true>, down_tile<5, true>, down_tile<6, true>,
-                                 down_tile<7, true>, down_tile<8, true>};
-static const down_fn DOWN1[9] = {nullptr,
-                                 down_tile<1, false>, down_tile<2, false>, down_tile<3, false>,
-                                 down_tile<4, false>, down_tile<5, false>, down_tile<6, false>,
-                                 down_tile<7, false>, down_tile<8, false>};
+// One row tile's share of column block j (up) or of block pair hb (down), MT = 1..8 rows,
+// for weights of type W.
+template <typename W>
+struct Tiles {
+  typedef void (*up_fn)(const float*, int64_t, const W*, float*, int64_t, int64_t);
+  typedef void (*down_fn)(const float*, int64_t, const W*, float*, int64_t, int64_t);
+  static constexpr up_fn UP[9] = {nullptr,        up_tile<1, W>, up_tile<2, W>,
+                                  up_tile<3, W>,  up_tile<4, W>, up_tile<5, W>,
+                                  up_tile<6, W>,  up_tile<7, W>, up_tile<8, W>};
+  static constexpr down_fn DOWN2[9] = {
+      nullptr,               down_tile<1, true, W>, down_tile<2, true, W>,
+      down_tile<3, true, W>, down_tile<4, true, W>, down_tile<5, true, W>,
+      down_tile<6, true, W>, down_tile<7, true, W>, down_tile<8, true, W>};
+  static constexpr down_fn DOWN1[9] = {
+      nullptr,                down_tile<1, false, W>, down_tile<2, false, W>,
+      down_tile<3, false, W>, down_tile<4, false, W>, down_tile<5, false, W>,
+      down_tile<6, false, W>, down_tile<7, false, W>, down_tile<8, false, W>};
+};
 static const int64_t T = 8;  // rows per register tile
 
 // y[c, H] = SwiGLU of one expert over its c rows xs[c, H]; act [c, ip] is scratch.
 // Column blocks outside, row tiles inside: a block's weights (2 x H x 16 floats) are read
 // from memory once and then from cache by every tile.
+template <typename W>
 static void expert_rows(const float* xs, int64_t c, float* act, float* y, int64_t H, int64_t ip,
-                        const float* w13, const float* w2) {
+                        const W* w13, const W* w2) {
   for (int64_t j = 0; j < ip / 16; j++)
     for (int64_t m = 0; m < c; m += T)
-      UP[c - m < T ? c - m : T](xs + m * H, H, w13 + j * 2 * H * 16, act + m * ip, ip, j);
+      Tiles<W>::UP[c - m < T ? c - m : T](xs + m * H, H, w13 + j * 2 * H * 16, act + m * ip, ip,
+                                          j);
   for (int64_t hb = 0; hb < H / 16; hb += 2) {
-    const down_fn* down = hb + 1 < H / 16 ? DOWN2 : DOWN1;
+    const auto* down = hb + 1 < H / 16 ? Tiles<W>::DOWN2 : Tiles<W>::DOWN1;
     for (int64_t m = 0; m < c; m += T)
       down[c - m < T ? c - m : T](act + m * ip, ip, w2 + hb * ip * 16, y + m * H, H, hb);
   }
@@ -126,7 +146,8 @@ struct Call {
   int64_t n, H, k, n_experts;
   const int64_t* ids;
   const float* topw;
-  std::vector<const float*> w13, w2;
+  std::vector<const void*> w13, w2;
+  bool bf16;  // weights in bfloat16 (else float32)
   std::vector<int64_t> ip;
   float* out;
   std::vector<int64_t> start;  // [E + 1] each expert's first position in `order`
@@ -175,7 +196,12 @@ static void work(Call& c) {
     if (rows == 0) continue;
     for (int64_t m = 0; m < rows; m++)
       std::memcpy(&xs[m * c.H], c.x + (c.order[s + m] / c.k) * c.H, sizeof(float) * c.H);
-    expert_rows(xs.data(), rows, act.data(), &c.ys[s * c.H], c.H, c.ip[e], c.w13[e], c.w2[e]);
+    if (c.bf16)
+      expert_rows(xs.data(), rows, act.data(), &c.ys[s * c.H], c.H, c.ip[e],
+                  static_cast<const uint16_t*>(c.w13[e]), static_cast<const uint16_t*>(c.w2[e]));
+    else
+      expert_rows(xs.data(), rows, act.data(), &c.ys[s * c.H], c.H, c.ip[e],
+                  static_cast<const float*>(c.w13[e]), static_cast<const float*>(c.w2[e]));
   }
 }
 
@@ -195,10 +221,10 @@ static void reduce(Call& c) {
 }
 
 static Call* make_call(const float* x, int64_t n, int64_t H, const int64_t* ids,
-                       const float* topw, int64_t k, int64_t n_experts, const float* const* w13,
-                       const float* const* w2, const int64_t* ip, float* out) {
+                       const float* topw, int64_t k, int64_t n_experts, const void* const* w13,
+                       const void* const* w2, const int64_t* ip, int64_t bf16, float* out) {
   Call* c = new Call;
-  c->x = x, c->n = n, c->H = H, c->k = k, c->n_experts = n_experts;
+  c->x = x, c->n = n, c->H = H, c->k = k, c->n_experts = n_experts, c->bf16 = bf16 != 0;
   c->ids = ids, c->topw = topw, c->out = out;
   c->w13.assign(w13, w13 + n_experts);
   c->w2.assign(w2, w2 + n_experts);
@@ -243,16 +269,17 @@ static Helper* helper() {
 
 extern "C" {
 
-int em_fused_moe_abi() { return 2; }
+int em_fused_moe_abi() { return 3; }
 
 // out[n, H] = sum over (row, slot) with ids >= 0 of topw * SwiGLU expert ids[row, slot] (x[row]).
 // x [n, H], ids [n, k] local expert ids (-1: not computed here), topw [n, k];
-// w13 / w2 / ip: each expert's blocked weights and width. H % 16 == 0, ip % 16 == 0.
+// w13 / w2 / ip: each expert's blocked weights and width, in bfloat16 when bf16 != 0 (else
+// float32; x, topw and out are float32 either way). H % 16 == 0, ip % 16 == 0.
 // Returns 0, or -1 for an id out of range (nothing computed).
 int em_fused_moe_f32(const float* x, int64_t n, int64_t H, const int64_t* ids, const float* topw,
-                     int64_t k, int64_t n_experts, const float* const* w13,
-                     const float* const* w2, const int64_t* ip, float* out) {
-  Call* c = make_call(x, n, H, ids, topw, k, n_experts, w13, w2, ip, out);
+                     int64_t k, int64_t n_experts, const void* const* w13, const void* const* w2,
+                     const int64_t* ip, int64_t bf16, float* out) {
+  Call* c = make_call(x, n, H, ids, topw, k, n_experts, w13, w2, ip, bf16, out);
   if (c == nullptr) return -1;
   work(*c);
   reduce(*c);
@@ -265,9 +292,9 @@ int em_fused_moe_f32(const float* x, int64_t n, int64_t H, const int64_t* ids, c
 // x, ids and topw unchanged, until the wait returns.
 void* em_fused_moe_f32_start(const float* x, int64_t n, int64_t H, const int64_t* ids,
                              const float* topw, int64_t k, int64_t n_experts,
-                             const float* const* w13, const float* const* w2, const int64_t* ip,
-                             float* out) {
-  Call* c = make_call(x, n, H, ids, topw, k, n_experts, w13, w2, ip, out);
+                             const void* const* w13, const void* const* w2, const int64_t* ip,
+                             int64_t bf16, float* out) {
+  Call* c = make_call(x, n, H, ids, topw, k, n_experts, w13, w2, ip, bf16, out);
   if (c == nullptr) return nullptr;
   Helper* h = helper();
   {
