@@ -12,6 +12,38 @@ static inline v16 ld(const float* p) { v16 v; std::memcpy(&v, p, 64); return v; 
 static inline void st(float* p, v16 v) { std::memcpy(p, &v, 64); }
 static inline v16 splat(float x) { return v16{} + x; }
 
+// 16 values as floats: fp32 as they are, bf16 (the top half of an fp32) widened exactly
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+static inline v16 ldw(const float* p) { return ld(p); }
+static inline v16 ldw(const uint16_t* p) {
+  vh16 h;
+  std::memcpy(&h, p, 32);
+  vu16 w = __builtin_convertvector(h, vu16) << 16;
+  v16 f;
+  std::memcpy(&f, &w, 64);
+  return f;
+}
+
+// one value as a float, and back (bf16: rounded to nearest even, as torch rounds)
+static inline float to_f(float x) { return x; }
+static inline float to_f(uint16_t x) {
+  uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline void from_f(float x, float* y) { *y = x; }
+static inline void from_f(float x, uint16_t* y) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+    *y = uint16_t((u >> 16) | 0x40);
+    return;
+  }
+  *y = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 // exp on 16 lanes: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2] (Cephes' expf polynomial, ~1 ulp)
 static inline v16 vexp(v16 x) {
   x = x < -87.3f ? splat(-87.3f) : x;

@@ -132,7 +132,7 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, (self.q_proj, self.k_proj, self.v_proj))  # [T, heads*D], ...
         g = meta.groups[0]
         if g.decode and g.tokens is None and decode_attention.usable(q.dtype, q.device):
-            if k_cache.dtype == torch.float32:  # every sequence decodes: one native call
+            if k_cache.dtype == q.dtype:  # every sequence decodes: one native call
                 out = decode_attention.decode_attention(
                     q, k, v, rope, meta.slot_mapping, k_cache, v_cache,
                     g.kv_blocks, g.context_lens, g.block_size,

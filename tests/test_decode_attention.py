@@ -87,6 +87,27 @@ def test_the_kernel_gives_what_the_torch_path_gives(kernel_on, hq, hkv, d, block
     assert torch.equal(mine[1], caches[1])  # values as they are; every other slot untouched
 
 
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (20, 4, 128), (3, 1, 10)])
+def test_bfloat16_as_the_torch_path_rounds_it(kernel_on, hq, hkv, d):
+    """bf16 rows and caches: the keys land in the cache as torch rounds them (all but a few
+    ties, from fp32 rotary that sums in another order), the values bit for bit, and the
+    output within bf16's precision of torch's bf16 SDPA."""
+    meta, caches, (q, k, v), rope = _step([1, 5, 16, 17, 40, 3], 4, hq, hkv, d, seed=3)
+    qkv, caches = (q.bfloat16(), k.bfloat16(), v.bfloat16()), [c.bfloat16() for c in caches]
+    g = meta.groups[0]
+    mine = [c.clone() for c in caches]
+    got = decode_attention.decode_attention(
+        *qkv, rope, meta.slot_mapping, *mine, g.kv_blocks, g.context_lens, 4
+    )
+    want = _torch_path(meta, caches, qkv, rope, hq, hkv, d)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(mine[1], caches[1])
+    keys = mine[0][meta.slot_mapping].float(), caches[0][meta.slot_mapping].float()
+    assert (keys[0] != keys[1]).float().mean() < 0.01
+    torch.testing.assert_close(*keys, rtol=8e-3, atol=1e-6)
+
+
 def test_large_scores_stay_finite(kernel_on):
     meta, caches, (q, k, v), rope = _step([30, 7], 8, 4, 2, 64, seed=1)
     q = q * 40  # scores in the thousands: the softmax must subtract the max
@@ -128,9 +149,14 @@ def test_shapes_that_do_not_fit_are_refused(kernel_on):
         decode_attention.decode_attention(q[:, :-1], k, v, *args)  # not hq * D floats
     with pytest.raises(ValueError):
         decode_attention.decode_attention(q.double(), k, v, *args)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # fp32 rows, bf16 caches
         decode_attention.decode_attention(
             q, k, v, rope, meta.slot_mapping, caches[0].bfloat16(), caches[1].bfloat16(),
+            g.kv_blocks, g.context_lens, 4,
+        )  # fmt: skip
+    with pytest.raises(ValueError):  # caches of two dtypes
+        decode_attention.decode_attention(
+            q, k, v, rope, meta.slot_mapping, caches[0], caches[1].bfloat16(),
             g.kv_blocks, g.context_lens, 4,
         )  # fmt: skip
 
@@ -142,7 +168,8 @@ def test_when_the_kernel_is_taken(monkeypatch, kernel_on):
         torch.set_num_threads(1)
         monkeypatch.setenv("EXPERTMESH_DECODE_ATTENTION", "auto")
         assert decode_attention.usable(f32, cpu)
-        assert not decode_attention.usable(torch.bfloat16, cpu)
+        assert decode_attention.usable(torch.bfloat16, cpu)
+        assert not decode_attention.usable(torch.float16, cpu)
         assert not decode_attention.usable(f32, "meta")
         torch.set_num_threads(2)  # auto: torch's SDPA spreads over threads, the kernel has none
         assert not decode_attention.usable(f32, cpu)
@@ -167,6 +194,33 @@ def counted(monkeypatch):
 
     monkeypatch.setattr(layers_module.decode_attention, "decode_attention", count)
     return calls
+
+
+def test_bfloat16_engine_decodes_within_bf16_of_fp32(kernel_on, counted, make_checkpoint):
+    """A bf16 engine's decode steps through the kernel: each step's logprob of the token it
+    chose, against fp32 recomputing the same prefix, is on average as close as the torch bf16
+    path gets on its own tokens."""
+    path = make_checkpoint(**CONFIGS["top2of8-shared1"], head_dim=64)
+    prompts = prompts_of([5, 12], 200, seed=8)
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True)
+    cfg = EngineConfig(dtype="bfloat16", block_size=4)
+    fp32 = LLMEngine.from_checkpoint(path, num_shards=1)
+
+    def errors(outs) -> list[float]:
+        errs = []
+        for prompt, out in zip(prompts, outs):
+            full = prompt + out.token_ids
+            logp = torch.log_softmax(fp32.score([full[:-1]])[0], -1)  # [L, V]
+            for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+                errs.append(abs(float(logp[len(prompt) - 1 + i, tok]) - lp))
+        return errs
+
+    mine = errors(LLMEngine.from_checkpoint(path, cfg, num_shards=1).generate(prompts, params))
+    assert counted
+    os.environ["EXPERTMESH_DECODE_ATTENTION"] = "0"  # (kernel_on's monkeypatch restores it)
+    torch_path = errors(LLMEngine.from_checkpoint(path, cfg).generate(prompts, params))
+    mean = sum(mine) / len(mine)  # (a single step can be far off where bf16 breaks a near tie)
+    assert mean <= 1.5 * sum(torch_path) / len(torch_path) + 0.01
 
 
 @pytest.mark.parametrize("head_dim", [None, 64])  # 16 (the generic loop) and 64

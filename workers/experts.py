@@ -4,8 +4,9 @@ No communication here: a transport hands it token rows and gets pre-summed rows 
 
 Weights are kept in the form the shard's device computes fastest with, made as each expert is
 read (the dense copies are not kept):
-- on CPU in float32 on one torch thread: blocked for the native kernel `workers/fused_moe`
-  (the whole layer in one call; ~15% faster than the form below at decode sizes);
+- on CPU in float32 or bfloat16 on one torch thread: blocked for the native kernel
+  `workers/fused_moe` (the whole layer in one call; ~15% faster than the form below at decode
+  sizes in fp32; bf16 weights are widened to fp32 in registers);
 - else on CPU (float32 or bfloat16): each expert's [gate; up] and down weights packed for
   oneDNN (`ernie/packed_linear.py`): a decode step's expert matmuls (a few rows each) ran 2-4x
   faster than MKL's;
@@ -49,7 +50,7 @@ def grouped_swiglu(
     weights: [N, k]; w13: [E_local, 2I, H] (gate rows, then up rows); w2: [E_local, H, I].
     w13 and w2 may also be lists of per-expert [2I_e, H] / [H, I_e]: experts of several widths,
     or weights packed for oneDNN (CPU), which take the loop below with its kernel, or blocked
-    for `fused_moe` (CPU, float32), which computes the whole call natively.
+    for `fused_moe` (CPU, float32 or bfloat16), which computes the whole call natively.
     Returns [N, H].
     """
     if _fused(w13):

@@ -1,4 +1,6 @@
-"""A layer's routed experts in one native call on CPU (fp32): `fused_moe.cpp`.
+"""A layer's routed experts in one native call on CPU (fp32 math, fp32 or bf16 weights).
+
+The kernel: `fused_moe.cpp`.
 
 Why: a decode step's experts get a few rows each. Through torch each expert costs ~10 ops of
 1-10 us dispatch, and oneDNN's matmul reads a [2048, 512] weight at ~28 GB/s where one long
@@ -23,11 +25,15 @@ decode step on 2 cores, in process: 12.4 -> 9.0 / 30.7 -> 20.7 / 48.4 -> 38.3 ms
 of memory bandwidth (`scripts/bench_bandwidth.py`). The dispatcher uses it for every layer.
 `EXPERTMESH_FUSED_MOE_HELPER` = `auto` (a process that may use more than one core), 1 or 0.
 
-`EXPERTMESH_FUSED_MOE` chooses: `auto` (the default) for float32 CPU shards in a process that
-computes on one torch thread (each expert worker on a small machine, the in-process gateway
-here; with more threads oneDNN's parallel matmuls are the better choice, the kernel has
-none), `1` whatever the thread count, `0` never. Hidden size and expert widths must be
-multiples of 16; other shapes keep the oneDNN path.
+Weights may be bfloat16 (a bf16 model's shards): the kernel widens each 16 of them to fp32 in
+registers, so a layer reads half the bytes; rows in and out stay fp32 inside the call (a bf16
+caller's rows are converted at its edges).
+
+`EXPERTMESH_FUSED_MOE` chooses: `auto` (the default) for float32 and bfloat16 CPU shards in a
+process that computes on one torch thread (each expert worker on a small machine, the
+in-process gateway here; with more threads oneDNN's parallel matmuls are the better choice,
+the kernel has none), `1` whatever the thread count, `0` never. Hidden size and expert widths
+must be multiples of 16; other shapes keep the oneDNN path.
 
 Layouts (`block`/`unblock`, exact inverses): w13 [2I, H] (gate rows, then up rows) ->
 [I/16, 2, H, 16]; w2 [H, I] -> [H/16, I, 16].

@@ -1,7 +1,8 @@
-// Routed experts of one MoE layer on CPU, fp32: the whole layer in one call, on the calling
-// thread (em_fused_moe_f32), or begun on a helper thread that the caller joins later
-// (em_fused_moe_f32_start / em_fused_moe_wait: the in-process gateway computes its shared
-// experts meanwhile, then takes the experts the helper has not reached).
+// Routed experts of one MoE layer on CPU, fp32 math (weights fp32, or bf16 widened in
+// registers): the whole layer in one call, on the calling thread (em_fused_moe_f32), or begun
+// on a helper thread that the caller joins later (em_fused_moe_f32_start / em_fused_moe_wait:
+// the in-process gateway computes its shared experts meanwhile, then takes the experts the
+// helper has not reached).
 //
 // Why: a decode step sends each expert a few rows; per expert, torch runs ~10 ops (gather,
 // two matmuls, silu, mul, slices, scatter) at ~1-10 us of dispatch each, and oneDNN's
@@ -29,7 +30,7 @@
 #include <thread>
 #include <vector>
 
-#include "simd.h"  // v16, ld, st, splat, vexp (expertmesh/ernie)
+#include "simd.h"  // v16, ld, ldw, st, splat, vexp (expertmesh/ernie)
 
 #define DIST 1024  // floats ahead (4 KB): of 128..4096, the best at 32 rows here, no loss at 1
 #define PF(p) __builtin_prefetch((p), 0, 0)
@@ -39,19 +40,6 @@ static inline void relax() {  // in a spin loop
 #elif defined(__aarch64__)
   asm volatile("yield");
 #endif
-}
-
-// 16 weights as floats: fp32 as they are, bf16 (the top half of an fp32) widened exactly
-typedef uint16_t vh16 __attribute__((vector_size(32)));
-typedef uint32_t vu16 __attribute__((vector_size(64)));
-static inline v16 ldw(const float* p) { return ld(p); }
-static inline v16 ldw(const uint16_t* p) {
-  vh16 h;
-  std::memcpy(&h, p, 32);
-  vu16 w = __builtin_convertvector(h, vu16) << 16;
-  v16 f;
-  std::memcpy(&f, &w, 64);
-  return f;
 }
 
 static inline v16 silu(v16 g) { return g / (1.0f + vexp(-g)); }
