@@ -66,6 +66,16 @@ def reference_model(path):
     return Ernie4_5_MoeForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
+def need_kernel(monkeypatch, setting: str, library, what: str) -> None:
+    """A native kernel taken whatever the thread count (`setting`=1); a test fails, not skips,
+    without it in CI."""
+    monkeypatch.setenv(setting, "1")
+    if library() is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the {what} kernel did not build (see the log's warning)")
+        pytest.skip("no C++ compiler here")
+
+
 def prompts_of(lengths, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     # skip the special ids at the bottom of the vocabulary

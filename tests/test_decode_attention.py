@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import CONFIGS, prompts_of, reference_model
+from conftest import CONFIGS, need_kernel, prompts_of, reference_model
 from expertmesh.router import decode_attention
 from expertmesh.router import layers as layers_module
 from expertmesh.router.attention_metadata import build_step
@@ -23,12 +23,9 @@ TOL = 1e-4
 
 @pytest.fixture
 def kernel_on(monkeypatch):
-    """The kernel taken whatever the thread count; a test fails, not skips, without it in CI."""
-    monkeypatch.setenv("EXPERTMESH_DECODE_ATTENTION", "1")
-    if decode_attention.library() is None:
-        if os.environ.get("CI"):
-            pytest.fail("the decode-attention kernel did not build (see the log's warning)")
-        pytest.skip("no C++ compiler here")
+    need_kernel(
+        monkeypatch, "EXPERTMESH_DECODE_ATTENTION", decode_attention.library, "decode-attention"
+    )
 
 
 class _Seq:

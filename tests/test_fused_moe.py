@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONFIGS, prompts_of, reference_model
+from conftest import CONFIGS, need_kernel, prompts_of, reference_model
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.router.engine import EngineConfig, LLMEngine
@@ -22,12 +22,7 @@ TOL = 1e-4
 
 @pytest.fixture
 def fused_on(monkeypatch):
-    """The kernel taken whatever the thread count; a test fails, not skips, without it in CI."""
-    monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "1")
-    if fused_moe.library() is None:
-        if os.environ.get("CI"):
-            pytest.fail("the fused-MoE kernel did not build (see the log's warning)")
-        pytest.skip("no C++ compiler here")
+    need_kernel(monkeypatch, "EXPERTMESH_FUSED_MOE", fused_moe.library, "fused-MoE")
 
 
 def reference(x, ids, weights, w13, w2):
