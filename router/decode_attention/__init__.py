@@ -3,7 +3,7 @@
 Why: in a step where every sequence decodes one token, torch spends ~40 ops per layer around
 the attention itself (rotary through complex views, the cache writes, copying each sequence's
 padded context out of the paged cache, the mask, SDPA, reshapes): ~250 us per layer at batch
-1 on a 2-core machine, where the layer's q/k/v/o weights stream in ~80 us, and ~1 ms per layer
+1 on a 2-core machine, where the layer's q/k/v/o weights stream in ~80 us, and 0.5-1 ms a layer
 at batch 32 of 128-token contexts (`python scripts/bench_decode_attention.py`). The kernel
 rotates q and k, writes k and v to their cache slots and attends over each context where it
 lies in the cache, on the calling thread, with the GIL released (ctypes).
