@@ -3,10 +3,9 @@
 Why not a torch extension: `torch.utils.cpp_extension` needs torch's headers and ninja and takes
 a minute per build on a 2-core machine; these kernels take raw pointers, include no torch
 header, and build with the machine's own `g++ -O3 -march=native` in under a second. The build
-lands in `~/.cache/expertmesh` (`EXPERTMESH_CACHE` moves it), keyed by the source, the
-shared header (`simd.h`), the
-compiler's version, the flags and the CPU's flags, and is renamed into place whole, so that
-processes building at once never load half a library. Where there is no compiler, or it
+lands in `~/.cache/expertmesh` (`EXPERTMESH_CACHE` moves it), keyed by the source, the shared
+header (`simd.h`), the compiler's version, the flags and the CPU's flags, and is renamed into
+place whole, so that processes building at once never load half a library. Where there is no compiler, or it
 fails, the caller gets None (with one warning) and keeps its torch path.
 """
 

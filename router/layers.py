@@ -131,13 +131,15 @@ class Attention(nn.Module):
         t = x.shape[0]
         q, k, v = self._qkv(x, (self.q_proj, self.k_proj, self.v_proj))  # [T, heads*D], ...
         g = meta.groups[0]
-        if g.decode and g.tokens is None and decode_attention.usable(q.dtype, q.device):
-            if k_cache.dtype == q.dtype:  # every sequence decodes: one native call
-                out = decode_attention.decode_attention(
-                    q, k, v, rope, meta.slot_mapping, k_cache, v_cache,
-                    g.kv_blocks, g.context_lens, g.block_size,
-                )  # fmt: skip
-                return self.o_proj(out.reshape(t, self.heads * self.head_dim))  # [T, H]
+        if (  # every sequence decodes: one native call
+            g.decode and g.tokens is None and k_cache.dtype == q.dtype
+            and decode_attention.usable(q.dtype, q.device)
+        ):  # fmt: skip
+            out = decode_attention.decode_attention(
+                q, k, v, rope, meta.slot_mapping, k_cache, v_cache,
+                g.kv_blocks, g.context_lens, g.block_size,
+            )  # fmt: skip
+            return self.o_proj(out.reshape(t, self.heads * self.head_dim))  # [T, H]
         q = q.reshape(t, self.heads, self.head_dim)
         k = k.reshape(t, self.kv_heads, self.head_dim)
         v = v.reshape(t, self.kv_heads, self.head_dim)

@@ -13,13 +13,15 @@ both sides see the same neighbours. Prints medians and ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+SETTING = "EXPERTMESH_DECODE_ATTENTION"
 
 
 def _layer_us(fn, repeats: int = 200) -> float:
@@ -87,13 +89,12 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
 
-    from expertmesh.cluster.cli.bench_engine import MEDIUM
+    from expertmesh.cluster.cli.bench_engine import MEDIUM, alternating_step_ms
     from expertmesh.cluster.cli.engine_factory import open_engine
     from expertmesh.cluster.config import ClusterConfig
     from expertmesh.ernie.config import ModelConfig
     from expertmesh.ernie.tiny import make_tiny
     from expertmesh.router import decode_attention
-    from expertmesh.router.sampling import SamplingParams
 
     if decode_attention.library() is None:
         raise SystemExit("the kernel did not build (see the warning above)")
@@ -109,35 +110,13 @@ def main() -> None:
 
         cfg = ClusterConfig(model=str(path), transport="local", workers=1)
         with open_engine(cfg) as engine:
-            steps = a.blocks * 2 * (a.steps + 1) + 8
-            vocab = engine.model_cfg.vocab_size
             print(f"\ndecode step, {a.prompt_len}-token prompts:")
             print("| batch | torch ms | kernel ms | torch / kernel |\n|---|---|---|---|")
             for b in a.batch:
-                g = torch.Generator().manual_seed(b)
-                params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
-                for i in range(b):
-                    prompt = torch.randint(5, vocab, (a.prompt_len,), generator=g).tolist()
-                    engine.add_request(f"b{b}-{i}", prompt, params)
-                while engine.num_waiting or any(
-                    s.num_generated == 0 for s in engine.scheduler.running
-                ):
-                    engine.step()
-                blocks = {"0": [], "1": []}
-                for _ in range(a.blocks):
-                    for on in ("0", "1"):
-                        os.environ["EXPERTMESH_DECODE_ATTENTION"] = on
-                        engine.step()
-                        ts = []
-                        for _ in range(a.steps):
-                            t = time.perf_counter()
-                            engine.step()
-                            ts.append(time.perf_counter() - t)
-                        blocks[on].append(statistics.median(ts) * 1e3)
-                off, on = (statistics.median(blocks[k]) for k in ("0", "1"))
+                sides = {on: functools.partial(os.environ.__setitem__, SETTING, on) for on in "01"}
+                ms = alternating_step_ms(engine, sides, b, a.prompt_len, a.blocks, a.steps)
+                off, on = ms["0"], ms["1"]
                 print(f"| {b} | {off:.2f} | {on:.2f} | {off / on:.2f}x |", flush=True)
-                for rid in list(engine.requests):
-                    engine.abort(rid)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,6 +36,43 @@ def _time(run, n: int) -> float:
 def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(batch)
     return torch.randint(5, min(vocab, 400), (batch, length), generator=g).tolist()
+
+
+def alternating_step_ms(
+    engine,
+    sides: dict[str, Callable[[], None]],
+    batch: int,
+    prompt_len: int,
+    blocks: int,
+    steps: int,
+) -> dict[str, float]:
+    """Decode-step ms of one engine with `batch` sequences decoding, under each of `sides` (a
+    function that switches the engine to that side): the sides take turns in blocks of `steps`
+    steps, so that a noisy neighbour slows them alike; the median of each side's block medians."""  # fmt: skip
+    g = torch.Generator().manual_seed(batch)
+    vocab = engine.model_cfg.vocab_size
+    params = SamplingParams(
+        max_tokens=blocks * len(sides) * (steps + 1) + 8, temperature=0, ignore_eos=True
+    )
+    for i in range(batch):
+        prompt = torch.randint(5, vocab, (prompt_len,), generator=g).tolist()
+        engine.add_request(f"alt{batch}-{i}", prompt, params)
+    while engine.num_waiting or any(s.num_generated == 0 for s in engine.scheduler.running):
+        engine.step()  # every prompt in, every sequence decoding
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(blocks):
+        for name, switch in sides.items():
+            switch()
+            engine.step()  # the first step after a switch is not timed
+            ts = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                engine.step()
+                ts.append(time.perf_counter() - t)
+            times[name].append(statistics.median(ts) * 1e3)
+    for rid in list(engine.requests):
+        engine.abort(rid)
+    return {name: statistics.median(ms) for name, ms in times.items()}
 
 
 def engine_run(engine, prompts):

@@ -13,8 +13,8 @@ cache as torch rounds them). `EXPERTMESH_DECODE_ATTENTION` chooses: `auto` (the 
 CPU in a process that computes on one torch thread (the gateway on a small machine; the
 kernel has no threads of its own, torch's SDPA spreads over many), `1` whatever the thread
 count, `0` never. Steps with a prompt chunk, other dtypes and GPUs keep the torch path
-(`layers.Attention`). It is built on
-first use like the fused-MoE kernel (`ernie/native.py`).
+(`layers.Attention`). It is built like the fused-MoE kernel (`ernie/native.py`), when the
+gateway's model loads.
 """
 
 from __future__ import annotations
