@@ -2,10 +2,12 @@
 
 Why not a torch extension: `torch.utils.cpp_extension` needs torch's headers and ninja and takes
 a minute per build on a 2-core machine; these kernels take raw pointers, include no torch
-header, and build with the machine's own `g++ -O3 -march=native` in under a second. The build
-lands in `~/.cache/expertmesh` (`EXPERTMESH_CACHE` moves it), keyed by the source, the shared
-header (`simd.h`), the compiler's version, the flags and the CPU's flags, and is renamed into
-place whole, so that processes building at once never load half a library. Where there is no compiler, or it
+header, and build with the machine's own `g++ -O3 -march=native` in under a second
+(`EXPERTMESH_MARCH` names another target, e.g. `x86-64-v2` for a cluster of older CPUs, or for
+the tests of the vector header's narrower forms). The build lands in `~/.cache/expertmesh`
+(`EXPERTMESH_CACHE` moves it), keyed by the source, the shared header (`simd.h`), the
+compiler's version, the flags and the CPU's flags, and is renamed into place whole, so that
+processes building at once never load half a library. Where there is no compiler, or it
 fails, the caller gets None (with one warning) and keeps its torch path.
 """
 
@@ -22,7 +24,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17"]
+
+def flags() -> list[str]:
+    march = os.environ.get("EXPERTMESH_MARCH") or "native"
+    return ["-O3", f"-march={march}", "-shared", "-fPIC", "-std=c++17"]
+
+
 INCLUDE = Path(__file__).parent  # simd.h: the vector helpers the kernels share
 HEADERS = sorted(INCLUDE.glob("*.h"))
 
@@ -47,10 +54,11 @@ def build(source: Path, abi: int, cxx: str | None, instead: str) -> ctypes.CDLL 
         log.warning("no C++ compiler: %s", instead)
         return None
     try:
+        build_flags = flags()
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
         key = hashlib.sha256(
             source.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
-            + version.stdout.encode() + " ".join(FLAGS).encode()
+            + version.stdout.encode() + " ".join(build_flags).encode()
             + _cpu_flags().encode()
         ).hexdigest()[:16]  # fmt: skip
         cache = Path(os.environ.get("EXPERTMESH_CACHE", Path.home() / ".cache" / "expertmesh"))
@@ -60,7 +68,7 @@ def build(source: Path, abi: int, cxx: str | None, instead: str) -> ctypes.CDLL 
             with tempfile.TemporaryDirectory(dir=cache) as tmp:  # rename: never a half .so
                 out = Path(tmp) / so.name
                 subprocess.run(
-                    [cxx, *FLAGS, f"-I{INCLUDE}", "-o", str(out), str(source)],
+                    [cxx, *build_flags, f"-I{INCLUDE}", "-o", str(out), str(source)],
                     check=True, capture_output=True, text=True, timeout=300,
                 )  # fmt: skip
                 os.replace(out, so)

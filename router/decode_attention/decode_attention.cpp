@@ -20,22 +20,7 @@
 #include <cstring>
 #include <vector>
 
-#include "simd.h"  // v16, ld, st, splat, vexp (expertmesh/ernie)
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-static inline float hsum(v16 v) {  // a tree, not 16 dependent adds
-  v8 a, b;
-  std::memcpy(&a, &v, 32);
-  std::memcpy(&b, reinterpret_cast<char*>(&v) + 32, 32);
-  a += b;
-  v4 c, e;
-  std::memcpy(&c, &a, 16);
-  std::memcpy(&e, reinterpret_cast<char*>(&a) + 16, 16);
-  c += e;
-  return (c[0] + c[2]) + (c[1] + c[3]);
-}
+#include "simd.h"  // v16, ld, ldw, st, vexp, hsum (expertmesh/ernie)
 
 template <typename S>
 static inline float dot(const float* a, const S* b, int64_t d) {

@@ -17,8 +17,8 @@
 //   w2  [H/16, I, 16]:    column block of down, k-major.
 // Each expert's outputs land in rows of their own, and every row's slots are summed in slot
 // order at the end, so the result does not depend on which thread computed which expert.
-// The vector type is GCC's generic one: AVX-512 registers with -march=native where the CPU has
-// them, two AVX2 (or four SSE) registers elsewhere; weights are prefetched 4 KB ahead.
+// The vector type (simd.h) is one AVX-512 register with -march=native where the CPU has them,
+// two AVX2 (or four SSE) registers elsewhere; weights are prefetched 4 KB ahead.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -30,7 +30,7 @@
 #include <thread>
 #include <vector>
 
-#include "simd.h"  // v16, ld, ldw, st, splat, vexp (expertmesh/ernie)
+#include "simd.h"  // v16, ld, ldw, st, splat, vexp, TILE_ROWS (expertmesh/ernie)
 
 #define DIST 1024  // floats ahead (4 KB): of 128..4096, the best at 32 rows here, no loss at 1
 #define PF(p) __builtin_prefetch((p), 0, 0)
@@ -106,7 +106,7 @@ struct Tiles {
       down_tile<3, false, W>, down_tile<4, false, W>, down_tile<5, false, W>,
       down_tile<6, false, W>, down_tile<7, false, W>, down_tile<8, false, W>};
 };
-static const int64_t T = 8;  // rows per register tile
+static const int64_t T = TILE_ROWS;  // rows per register tile (simd.h: 8 on AVX-512, 4 on AVX2)
 
 // y[c, H] = SwiGLU of one expert over its c rows xs[c, H]; act [c, ip] is scratch.
 // Column blocks outside, row tiles inside: a block's weights (2 x H x 16 floats) are read
