@@ -130,16 +130,16 @@ class FusedLinear:
                      for m in layers]
                 )  # fmt: skip
             self._packed = (pack(w), bias, [m.out_features for m in layers])
-            self._made_from = [(p, _version(p)) for p in params]  # holds them: ids stay unique
+            self._made_from = [(p, version_of(p)) for p in params]  # holds them: ids stay unique
         return self._packed
 
     def _current(self, params: list[torch.Tensor]) -> bool:
         return len(params) == len(self._made_from) and all(
-            p is q and _version(p) == v for p, (q, v) in zip(params, self._made_from)
+            p is q and version_of(p) == v for p, (q, v) in zip(params, self._made_from)
         )
 
 
-def _version(t: torch.Tensor) -> int:
+def version_of(t: torch.Tensor) -> int:
     """In-place changes bump a tensor's version; an inference tensor has none (-1)."""
     return -1 if t.is_inference() else t._version
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from expertmesh.ernie.config import ModelConfig
-from expertmesh.ernie.packed_linear import FusedLinear, PackedLinear
+from expertmesh.ernie.packed_linear import FusedLinear, PackedLinear, version_of
+from expertmesh.workers import fused_moe
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -64,7 +65,16 @@ def apply_rotary(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
 class MLP(nn.Module):
     """SwiGLU: dense layers and the shared experts. On CPU gate and up run as one packed
-    matmul (`FusedLinear`); the parameters keep the checkpoint's names and layout."""
+    matmul (`FusedLinear`); the parameters keep the checkpoint's names and layout.
+
+    Up to `KERNEL_ROWS` rows, where the fused-MoE kernel applies (CPU, fp32 or bf16, one torch
+    thread: `fused_moe.usable`), the whole SwiGLU is one kernel call instead, as an expert that
+    every row goes to with weight 1: it reads the weights at ~20 GB/s where oneDNN's packed
+    matmuls read them at ~12 (an AVX2 EPYC, 1 thread, hidden 512, width 2048: 1.36x at 1 row,
+    1.39x at 8, 1.09x at 16, 0.92x at 24, 0.79x at 64). Its blocked copy of the weights is made
+    on first use and re-made when a weight changes."""
+
+    KERNEL_ROWS = 16
 
     def __init__(self, hidden: int, inter: int, bias: bool):
         super().__init__()
@@ -72,11 +82,35 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = PackedLinear(inter, hidden, bias=bias)
         self._gate_up = FusedLinear()
+        self._blocked: tuple | None = None  # (w13, w2, [(param, version)]) for the kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H] -> gate, up: [T, I] -> [T, H]
+        if x.dim() == 2 and x.shape[0] <= self.KERNEL_ROWS and not torch.is_grad_enabled():
+            blocked = self._kernel_weights()
+            if blocked is not None:
+                every = torch.zeros(x.shape[0], 1, dtype=torch.int64)  # [T, 1] expert 0
+                return fused_moe.fused_swiglu(x, every, torch.ones(x.shape[0], 1), *blocked)
         gate, up = self._gate_up(x, (self.gate_proj, self.up_proj))
         return self.down_proj(F.silu(gate) * up)
+
+    def _kernel_weights(self) -> tuple[list, list] | None:
+        """([w13 blocked], [w2 blocked]) where the kernel takes this MLP here, else None."""
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        w = gate.weight
+        if gate.bias is not None or not fused_moe.usable(
+            w.dtype, w.device, gate.in_features, [gate.out_features]
+        ):
+            return None
+        params = [gate.weight, up.weight, down.weight]
+        made = self._blocked
+        if made is None or any(
+            p is not q or version_of(p) != v for p, (q, v) in zip(params, made[2], strict=True)
+        ):
+            w13 = torch.cat([gate.weight.detach(), up.weight.detach()])  # [2I, H]
+            made = ([fused_moe.block13(w13)], [fused_moe.block2(down.weight.detach())])
+            self._blocked = made = (*made, [(p, version_of(p)) for p in params])
+        return made[0], made[1]
 
 
 @dataclass

@@ -301,6 +301,43 @@ def test_engine_logits_and_greedy_tokens_match_transformers(
             assert out.token_ids == want[0, len(prompt) :].tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_dense_mlp_through_the_kernel(fused_on, monkeypatch, dtype):
+    """The shared experts and dense MLPs (`layers.MLP`): the kernel up to KERNEL_ROWS rows,
+    oneDNN above; the same sums as the torch path; the blocked copy follows new weights."""
+    from expertmesh.router.layers import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(48, 80, bias=False).to(dtype).eval()
+    calls = []
+    real = fused_moe.fused_swiglu
+    monkeypatch.setattr(fused_moe, "fused_swiglu", lambda *a: calls.append(1) or real(*a))
+
+    def torch_path(x):
+        gate, up = F.linear(x, mlp.gate_proj.weight), F.linear(x, mlp.up_proj.weight)
+        return F.linear(F.silu(gate) * up, mlp.down_proj.weight)
+
+    tol = 1e-5 if dtype == torch.float32 else 0.02
+    for rows in [1, 5, MLP.KERNEL_ROWS, MLP.KERNEL_ROWS + 1, 0]:
+        x = torch.randn(rows, 48).to(dtype)
+        calls.clear()
+        with torch.inference_mode():
+            got, want = mlp(x), torch_path(x)
+        assert got.dtype == dtype and got.shape == (rows, 48)
+        assert calls == ([1] if rows <= MLP.KERNEL_ROWS else [])
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    with torch.no_grad():  # new weights in place: the kernel's copy is re-made
+        mlp.down_proj.weight.mul_(2)
+    x = torch.randn(3, 48).to(dtype)
+    with torch.inference_mode():
+        assert torch.allclose(mlp(x).float(), torch_path(x).float(), atol=tol, rtol=tol)
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "0")
+    calls.clear()
+    with torch.inference_mode():
+        mlp(x)
+    assert calls == []
+
+
 def test_bfloat16_engine_through_the_kernel_stays_close_to_fp32(fused_on, make_checkpoint):
     """A bf16 engine whose shards hold blocked bf16 weights: its logits track fp32's as the
     torch bf16 path's do (bf16 keeps ~3 significant digits)."""
