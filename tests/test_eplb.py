@@ -14,7 +14,7 @@ from conftest import CONFIGS, prompts_of
 from expertmesh.cluster.cli.main import main
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
-from expertmesh.router.dispatch import ExchangeLoad
+from expertmesh.router.dispatch import ExchangeLoad, split_by_worker, split_small
 from expertmesh.router.engine import LLMEngine
 from expertmesh.router.loop import EngineLoop
 from expertmesh.router.rebalance import Rebalancer, shard_holder
@@ -86,6 +86,33 @@ def test_copies_split_an_experts_tokens_evenly():
     assert shard[:, 1].tolist() == [0, 2, 1, 0, 2, 1]
     with pytest.raises(ValueError, match="two copies"):
         ExpertPlacement.from_copies([[0, 0], [1]], 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_few_rows_split_in_python_as_the_tensor_path_splits_them(dtype):
+    """`split_small` (decode steps of a few tokens on CPU) against `shards_of_slots` +
+    `split_by_worker`: the same parts, rows, ids and weights, and the same pair counts."""
+    rng, with_copies = random.Random(0), 0
+    for trial in range(60):
+        shards, experts, k = rng.choice([(2, 16, 4), (3, 8, 2), (4, 12, 6)])
+        load = [rng.random() ** 4 for _ in range(experts)]  # skewed: hot experts get copies
+        p = ExpertPlacement.contiguous(experts, shards) if trial % 2 else balanced(load, shards, 3)
+        with_copies += p.num_copies > experts
+        table, count = p.copy_table()
+        t = rng.randint(1, 8)
+        ids = torch.tensor([rng.sample(range(experts), k) for _ in range(t)])  # [T, k]
+        weights = torch.rand(t, k).to(dtype)  # [T, k]
+        x = torch.randn(t, 32).to(dtype)  # [T, H]
+        shard_of = shards_of_slots(ids, table, count)  # [T, k]
+        want = split_by_worker(x, ids, weights, shard_of)
+        got, pairs = split_small(x, ids, weights, [list(c) for c in p.copies], shards)
+        assert pairs == torch.bincount(shard_of.flatten(), minlength=shards).tolist()
+        assert list(got) == list(want)
+        for w in want:
+            for field in ("rows", "x", "expert_ids", "weights"):
+                a, b = getattr(got[w], field), getattr(want[w], field)
+                assert a.dtype == b.dtype and torch.equal(a, b), (trial, w, field)
+    assert with_copies >= 10
 
 
 # -- dispatch over copies ---------------------------------------------------------------------

@@ -40,9 +40,14 @@ def tensor_to_proto(t: torch.Tensor) -> expert_pb2.Tensor:
     name = dtype_name(t.dtype)
     if name not in DTYPES:
         raise TypeError(f"dtype {t.dtype} cannot go on the wire")
-    flat = t.detach().to("cpu").contiguous().reshape(-1)  # [numel]
-    data = flat.view(torch.uint8).numpy().tobytes()  # via uint8: numpy has no bfloat16
-    return expert_pb2.Tensor(data=data, dtype=name, shape=t.shape)
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has none; the same bytes as int16
+        t = t.view(torch.int16)
+    return expert_pb2.Tensor(data=t.numpy().tobytes(), dtype=name, shape=t.shape)
 
 
 def tensor_from_proto(msg: expert_pb2.Tensor) -> torch.Tensor:
