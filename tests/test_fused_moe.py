@@ -301,6 +301,26 @@ def test_engine_logits_and_greedy_tokens_match_transformers(
             assert out.token_ids == want[0, len(prompt) :].tolist()
 
 
+@pytest.mark.parametrize(
+    "config", ["top4of16-shared2-start2-every2", "top2of8-noshared", "bias-untied-top3of6"]
+)
+def test_other_configs_score_and_decode_as_transformers(fused_on, make_checkpoint, config):
+    """Dense layers between MoE layers, no shared experts, biases (where the MLPs keep oneDNN):
+    a short prompt's logits (its MLPs through the kernel) and greedy tokens."""
+    path = make_checkpoint(**CONFIGS[config])
+    engine = LLMEngine.from_checkpoint(path, num_shards=2)
+    prompts = prompts_of([1, 9], ModelConfig.from_dir(path).vocab_size, seed=5)
+    model = reference_model(path)
+    with torch.no_grad():
+        for prompt in prompts:
+            got = engine.score([prompt])[0]
+            assert (got - model(torch.tensor([prompt])).logits[0].float()).abs().max() <= TOL
+        outs = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0))
+        for prompt, out in zip(prompts, outs):
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
+            assert out.token_ids == want[0, len(prompt) :].tolist()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_dense_mlp_through_the_kernel(fused_on, monkeypatch, dtype):
     """The shared experts and dense MLPs (`layers.MLP`): the kernel up to KERNEL_ROWS rows,
