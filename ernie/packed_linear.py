@@ -130,18 +130,29 @@ class FusedLinear:
                      for m in layers]
                 )  # fmt: skip
             self._packed = (pack(w), bias, [m.out_features for m in layers])
-            self._made_from = [(p, version_of(p)) for p in params]  # holds them: ids stay unique
+            self._made_from = made_from(params)
         return self._packed
 
     def _current(self, params: list[torch.Tensor]) -> bool:
-        return len(params) == len(self._made_from) and all(
-            p is q and version_of(p) == v for p, (q, v) in zip(params, self._made_from)
-        )
+        return still_current(params, self._made_from)
 
 
 def version_of(t: torch.Tensor) -> int:
     """In-place changes bump a tensor's version; an inference tensor has none (-1)."""
     return -1 if t.is_inference() else t._version
+
+
+def made_from(params: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    """What a derived copy (packed, blocked) is made from: each tensor and its version. It
+    holds them, so their ids stay unique while the copy lives."""
+    return [(p, version_of(p)) for p in params]
+
+
+def still_current(params: Sequence[torch.Tensor], made: list[tuple[torch.Tensor, int]]) -> bool:
+    """Whether a copy `made_from` some tensors is still theirs: none replaced or changed."""
+    return len(params) == len(made) and all(
+        p is q and version_of(p) == v for p, (q, v) in zip(params, made)
+    )
 
 
 class PackedLinear(nn.Linear):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from expertmesh.ernie.config import ModelConfig
-from expertmesh.ernie.packed_linear import FusedLinear, PackedLinear, version_of
+from expertmesh.ernie.packed_linear import FusedLinear, PackedLinear, made_from, still_current
 from expertmesh.workers import fused_moe
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -103,14 +103,11 @@ class MLP(nn.Module):
         ):
             return None
         params = [gate.weight, up.weight, down.weight]
-        made = self._blocked
-        if made is None or any(
-            p is not q or version_of(p) != v for p, (q, v) in zip(params, made[2], strict=True)
-        ):
+        if self._blocked is None or not still_current(params, self._blocked[2]):
             w13 = torch.cat([gate.weight.detach(), up.weight.detach()])  # [2I, H]
-            made = ([fused_moe.block13(w13)], [fused_moe.block2(down.weight.detach())])
-            self._blocked = made = (*made, [(p, version_of(p)) for p in params])
-        return made[0], made[1]
+            w2 = down.weight.detach()  # [H, I]
+            self._blocked = ([fused_moe.block13(w13)], [fused_moe.block2(w2)], made_from(params))
+        return self._blocked[0], self._blocked[1]
 
 
 @dataclass
