@@ -12,13 +12,12 @@ from __future__ import annotations
 import torch
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
-from expertmesh.ernie.packed_linear import PackedLinear
 from torch import nn
 
 from . import decode_attention
 from .dispatch import Dispatcher
 from .gate import ModalGate, Statics, route
-from .layers import MLP, Attention, AttnMeta, RMSNorm, Rotary, rotation
+from .layers import MLP, Attention, AttnMeta, ProjectedLinear, RMSNorm, Rotary, rotation
 from .mrope import MRotary
 from .multimodal import MultimodalStep
 from .vision import Resampler, VisionTower, axial_inv_freq
@@ -100,7 +99,7 @@ class GatewayModel(nn.Module):
         self.model = Backbone(cfg)
         bias = cfg.use_bias and not cfg.is_vl  # the VL model's lm_head never has one
         # packed on CPU: a copy, the (tied) embedding stays dense
-        self.lm_head = PackedLinear(cfg.hidden_size, cfg.vocab_size, bias=bias)
+        self.lm_head = ProjectedLinear(cfg.hidden_size, cfg.vocab_size, bias=bias)
         self.rotary = _rotary(cfg)
 
     @torch.inference_mode()

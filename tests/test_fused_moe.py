@@ -16,6 +16,7 @@ from expertmesh.router.engine import EngineConfig, LLMEngine
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.workers import fused_moe
 from expertmesh.workers.experts import ExpertShard, grouped_swiglu
+from torch import nn
 
 TOL = 1e-4
 
@@ -355,6 +356,70 @@ def test_a_dense_mlp_through_the_kernel(fused_on, monkeypatch, dtype):
     calls.clear()
     with torch.inference_mode():
         mlp(x)
+    assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,outs", [(48, [64]), (40, [32, 16, 16]), (7, [16, 48])])
+def test_the_kernels_plain_linear(fused_on, dtype, k, outs):
+    """`fused_moe.linear` on a `block2` weight: x @ w.T for any input width and any rows, as
+    float64 does it; bf16 weights widened to fp32 in registers."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(sum(outs), k, generator=g).to(dtype)  # [O, K]
+    for rows in [1, 3, 4, 9, 17]:
+        x = torch.randn(rows, k, generator=g)
+        got = fused_moe.linear(x, fused_moe.block2(w))
+        want = (x.double() @ w.double().T).float()
+        assert got.shape == (rows, sum(outs)) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        fused_moe.linear(torch.randn(2, k + 1), fused_moe.block2(w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_projections_through_the_kernel(fused_on, monkeypatch, dtype, bias):
+    """The attention's q/k/v and o_proj and the lm_head (`layers.Projection`): the kernel's
+    linear up to KERNEL_ROWS rows, oneDNN / F.linear above; every layer's output as
+    F.linear's; the blocked copy follows new weights; off with the kernel off."""
+    from expertmesh.router.layers import ProjectedLinear, Projection
+
+    torch.manual_seed(1)
+    layers = [nn.Linear(40, o, bias=bias).to(dtype) for o in (32, 16, 16)]
+    if bias:
+        layers[1].bias = None  # one layer without: zeros in the joint bias
+    one = ProjectedLinear(40, 48, bias=bias).to(dtype)
+    qkv = Projection()
+    calls = []
+    real = fused_moe.linear
+    monkeypatch.setattr(fused_moe, "linear", lambda *a: calls.append(1) or real(*a))
+    tol = 1e-5 if dtype == torch.float32 else 0.02
+    for rows in [1, 5, Projection.KERNEL_ROWS, Projection.KERNEL_ROWS + 1, 0]:
+        x = torch.randn(rows, 40).to(dtype)
+        calls.clear()
+        with torch.inference_mode():
+            got, single = qkv(x, layers), one(x)
+        assert calls == ([1, 1] if rows <= Projection.KERNEL_ROWS else [])
+        for m, y in zip(layers, got, strict=True):
+            assert y.dtype == dtype and y.shape == (rows, m.out_features)
+            want = F.linear(x.float(), m.weight.float(), None if m.bias is None else m.bias.float())
+            torch.testing.assert_close(y.float(), want, atol=tol, rtol=tol)
+        want = F.linear(
+            x.float(), one.weight.float(), None if one.bias is None else one.bias.float()
+        )
+        torch.testing.assert_close(single.float(), want, atol=tol, rtol=tol)
+    with torch.no_grad():  # new weights in place: the kernel's copy is re-made
+        layers[2].weight.mul_(2)
+    x = torch.randn(3, 40).to(dtype)
+    with torch.inference_mode():
+        got = qkv(x, layers)[2]
+    torch.testing.assert_close(
+        got.float(), F.linear(x, layers[2].weight, layers[2].bias).float(), atol=tol, rtol=tol
+    )
+    monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "0")
+    calls.clear()
+    with torch.inference_mode():
+        qkv(x, layers), one(x)
     assert calls == []
 
 

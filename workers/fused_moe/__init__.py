@@ -35,6 +35,9 @@ in-process gateway here; with more threads oneDNN's parallel matmuls are the bet
 the kernel has none), `1` whatever the thread count, `0` never. Hidden size and expert widths
 must be multiples of 16; other shapes keep the oneDNN path.
 
+`linear` is the down projection's loop alone: a plain x @ w.T on a `block2`-ed weight, for the
+gateway's other projections at decode sizes (`router.layers.Projection`: q/k/v, o_proj, lm_head).
+
 Layouts (`block`/`unblock`, exact inverses): w13 [2I, H] (gate rows, then up rows) ->
 [I/16, 2, H, 16]; w2 [H, I] -> [H/16, I, 16].
 """
@@ -51,7 +54,7 @@ import torch
 from expertmesh.ernie import native
 
 SOURCE = Path(__file__).with_name("fused_moe.cpp")
-ABI = 3  # em_fused_moe_abi() of the source this module calls
+ABI = 4  # em_fused_moe_abi() of the source this module calls
 
 
 def _setting() -> str:
@@ -73,6 +76,7 @@ def library() -> ctypes.CDLL | None:
     lib.em_fused_moe_f32.argtypes, lib.em_fused_moe_f32.restype = args, ctypes.c_int
     lib.em_fused_moe_f32_start.argtypes, lib.em_fused_moe_f32_start.restype = args, p
     lib.em_fused_moe_wait.argtypes, lib.em_fused_moe_wait.restype = [p], None
+    lib.em_linear_f32.argtypes, lib.em_linear_f32.restype = [p, i64, i64, i64, p, i64, p], None
     return lib
 
 
@@ -142,6 +146,22 @@ def start_swiglu(
     helper has not claimed yet on the calling thread, and returns [N, H]. Meanwhile the
     caller may compute something else (the shared experts), but must not change x."""
     return _Call(x, local_ids, weights, w13, w2).start()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [N, K] @ dense.T for a weight `block2`-ed from dense [O, K] (float32 or bfloat16), on
+    the calling thread -> [N, O] in x's dtype. For a few rows (see `router.layers.Projection`)."""
+    lib = library()
+    assert lib is not None, "linear without a built kernel"
+    if w.dtype not in _DTYPES or w.dim() != 3 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"a blocked [O/16, {x.shape[-1]}, 16] weight, not {tuple(w.shape)}")
+    xf = x.to(torch.float32).contiguous()  # [N, K]
+    out = torch.empty(xf.shape[0], w.shape[0] * 16)  # [N, O]
+    lib.em_linear_f32(
+        xf.data_ptr(), xf.shape[0], xf.shape[1], out.shape[1], w.data_ptr(),
+        int(w.dtype == torch.bfloat16), out.data_ptr(),
+    )  # fmt: skip
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def helper_thread() -> bool:

@@ -257,7 +257,7 @@ static Helper* helper() {
 
 extern "C" {
 
-int em_fused_moe_abi() { return 3; }
+int em_fused_moe_abi() { return 4; }
 
 // out[n, H] = sum over (row, slot) with ids >= 0 of topw * SwiGLU expert ids[row, slot] (x[row]).
 // x [n, H], ids [n, k] local expert ids (-1: not computed here), topw [n, k];
@@ -273,6 +273,25 @@ int em_fused_moe_f32(const float* x, int64_t n, int64_t H, const int64_t* ids, c
   reduce(*c);
   delete c;
   return 0;
+}
+
+// out[n, O] = x[n, K] . w^T, a plain linear layer on the calling thread, for few rows (the
+// gateway's projections at decode sizes): w [O/16, K, 16] in w2's layout (block2 of the dense
+// [O, K]), bfloat16 when bf16 != 0; x and out float32. O % 16 == 0.
+void em_linear_f32(const float* x, int64_t n, int64_t K, int64_t O, const void* w, int64_t bf16,
+                   float* out) {
+  for (int64_t hb = 0; hb < O / 16; hb += 2) {
+    for (int64_t m = 0; m < n; m += T) {
+      int64_t mt = n - m < T ? n - m : T;
+      if (bf16) {
+        const auto* down = hb + 1 < O / 16 ? Tiles<uint16_t>::DOWN2 : Tiles<uint16_t>::DOWN1;
+        down[mt](x + m * K, K, static_cast<const uint16_t*>(w) + hb * K * 16, out + m * O, O, hb);
+      } else {
+        const auto* down = hb + 1 < O / 16 ? Tiles<float>::DOWN2 : Tiles<float>::DOWN1;
+        down[mt](x + m * K, K, static_cast<const float*>(w) + hb * K * 16, out + m * O, O, hb);
+      }
+    }
+  }
 }
 
 // The same call started on the helper thread: returns a handle for em_fused_moe_wait (null
