@@ -14,7 +14,7 @@ from conftest import CONFIGS, prompts_of
 from expertmesh.cluster.cli.main import main
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
-from expertmesh.router.dispatch import Dispatcher, ExchangeLoad, split_by_worker, split_small
+from expertmesh.router.dispatch import ExchangeLoad, split_by_worker, split_small
 from expertmesh.router.engine import LLMEngine
 from expertmesh.router.loop import EngineLoop
 from expertmesh.router.rebalance import Rebalancer, shard_holder
@@ -113,36 +113,6 @@ def test_a_few_rows_split_in_python_as_the_tensor_path_splits_them(dtype):
                 a, b = getattr(got[w], field), getattr(want[w], field)
                 assert a.dtype == b.dtype and torch.equal(a, b), (trial, w, field)
     assert with_copies >= 10
-
-
-def test_the_busiest_worker_is_sent_to_first_and_the_sum_is_in_worker_order():
-    """A layer waits for its busiest worker, and over the network each message after the first
-    arrives later: `dispatch` hands the transport the parts busiest first (most (token, expert)
-    pairs), ties in worker order; `combine` adds the replies in worker order all the same."""
-
-    class Recording(Dispatcher):
-        def _send(self, layer, parts):
-            self.order = list(parts)
-            return {w: p.x * (w + 1) for w, p in parts.items()}  # [n, H] per worker
-
-        def _receive(self, pending):
-            return pending.handle
-
-    placement = ExpertPlacement.contiguous(8, 4)  # experts 2w, 2w+1 on worker w
-    d = Recording(placement)
-    x = torch.randn(2, 8)  # [T, H]
-    for ids, want in [
-        ([[6, 7, 0, 2], [6, 1, 4, 5]], [3, 0, 2, 1]),  # 3 pairs on 3, 2 on 0 and 2, 1 on 1
-        ([[2, 4, 6, 3], [0, 1, 5, 7]], [0, 1, 2, 3]),  # 2 pairs each: worker order
-        ([[0, 1, 2, 3], [0, 1, 3, 2]], [0, 1]),  # 4 each
-    ]:
-        ids = torch.tensor(ids)
-        out = d(1, x, ids, torch.ones(2, 4))
-        assert d.order == want
-        expect = torch.zeros_like(x)
-        for w in range(4):  # each worker's rows, added in worker order
-            expect += x * (w + 1) * (ids // 2 == w).any(-1, keepdim=True)
-        assert torch.equal(out, expect)
 
 
 # -- dispatch over copies ---------------------------------------------------------------------
