@@ -120,21 +120,30 @@ class FusedLinear:
         return tuple(y.split(sizes, dim=-1)) if len(sizes) > 1 else (y,)
 
     def _get(self, layers: Sequence[nn.Linear]):
-        params = [p for m in layers for p in (m.weight, m.bias) if p is not None]
+        params = params_of(layers)
         if self._packed is None or not self._current(params):
-            w = torch.cat([m.weight.detach() for m in layers])  # [sum out_i, in]
-            bias = None
-            if any(m.bias is not None for m in layers):
-                bias = torch.cat(
-                    [m.bias.detach() if m.bias is not None else w.new_zeros(m.out_features)
-                     for m in layers]
-                )  # fmt: skip
+            w, bias = joined(layers)
             self._packed = (pack(w), bias, [m.out_features for m in layers])
             self._made_from = made_from(params)
         return self._packed
 
     def _current(self, params: list[torch.Tensor]) -> bool:
         return still_current(params, self._made_from)
+
+
+def params_of(layers: Sequence[nn.Linear]) -> list[torch.Tensor]:
+    """The weights and biases (where there are) of `layers`: what a joined copy is made from."""
+    return [p for m in layers for p in (m.weight, m.bias) if p is not None]
+
+
+def joined(layers: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Layers over the same input as one: weight [sum out_i, in] and bias [sum out_i] (zeros
+    for a layer without one; None where none has one), dense copies."""
+    w = torch.cat([m.weight.detach() for m in layers])  # [sum out_i, in]
+    if all(m.bias is None for m in layers):
+        return w, None
+    zeros = [w.new_zeros(m.out_features) for m in layers]
+    return w, torch.cat([z if m.bias is None else m.bias.detach() for m, z in zip(layers, zeros)])
 
 
 def version_of(t: torch.Tensor) -> int:

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from expertmesh.ernie.config import ModelConfig
-from expertmesh.ernie.packed_linear import FusedLinear, PackedLinear, made_from, still_current
+from expertmesh.ernie.packed_linear import (
+    FusedLinear,
+    PackedLinear,
+    joined,
+    made_from,
+    params_of,
+    still_current,
+)
 from expertmesh.workers import fused_moe
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -97,15 +104,9 @@ class Projection:
         sizes = [m.out_features for m in layers]
         if not fused_moe.usable(w0.dtype, w0.device, 16, [sum(sizes)]):
             return None
-        params = [p for m in layers for p in (m.weight, m.bias) if p is not None]
+        params = params_of(layers)
         if self._blocked is None or not still_current(params, self._blocked[3]):
-            w = torch.cat([m.weight.detach() for m in layers])  # [sum out_i, K]
-            bias = None
-            if any(m.bias is not None for m in layers):
-                bias = torch.cat(
-                    [m.bias.detach() if m.bias is not None else w.new_zeros(m.out_features)
-                     for m in layers]
-                )  # fmt: skip
+            w, bias = joined(layers)  # [sum out_i, K], [sum out_i] or None
             self._blocked = (fused_moe.block2(w), bias, sizes, made_from(params))
         return self._blocked[:3]
 
