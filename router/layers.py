@@ -102,6 +102,7 @@ class Projection:
     def _kernel_weights(self, layers: Sequence[nn.Linear]) -> tuple | None:
         w0 = layers[0].weight
         sizes = [m.out_features for m in layers]
+        # any input width K: only the outputs come in blocks of 16 (`hidden` 16 passes)
         if not fused_moe.usable(w0.dtype, w0.device, 16, [sum(sizes)]):
             return None
         params = params_of(layers)
