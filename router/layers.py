@@ -112,19 +112,18 @@ class Projection:
         return self._blocked[:3]
 
 
-class ProjectedLinear(PackedLinear):
+class ProjectedLinear(nn.Linear):
     """`nn.Linear` (same parameters, same checkpoint keys) through `Projection`: the kernel up
-    to its rows, oneDNN's packed matmul above them."""
+    to its rows, oneDNN's packed matmul above them (`F.linear` off CPU, or under grad)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._projection = Projection()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out]
-        if x.dim() != 2:
-            return super().forward(x)
-        return self._projection(x, (self,))[0]
+        # x: [..., in] -> [..., out], as rows [T, in]
+        y = self._projection(x.reshape(-1, self.in_features), (self,))[0]  # [T, out]
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class MLP(nn.Module):
@@ -166,9 +165,9 @@ class MLP(nn.Module):
             w.dtype, w.device, gate.in_features, [gate.out_features]
         ):
             return None
-        params = [gate.weight, up.weight, down.weight]
+        params = params_of((gate, up, down))  # no biases here
         if self._blocked is None or not still_current(params, self._blocked[2]):
-            w13 = torch.cat([gate.weight.detach(), up.weight.detach()])  # [2I, H]
+            w13, _ = joined((gate, up))  # [2I, H]
             w2 = down.weight.detach()  # [H, I]
             self._blocked = ([fused_moe.block13(w13)], [fused_moe.block2(w2)], made_from(params))
         return self._blocked[0], self._blocked[1]

@@ -66,7 +66,6 @@ def system(name, layers):
 def dense_mlps(a) -> None:
     """`layers.MLP` (shared experts, dense layers) of width --mlp-width: the kernel (as one
     expert with every row) against oneDNN, at every row count (KERNEL_ROWS lifted here)."""
-    import os
 
     from expertmesh.router.layers import MLP
 
@@ -74,15 +73,22 @@ def dense_mlps(a) -> None:
     mlps = [MLP(a.hidden, a.mlp_width, bias=False).eval() for _ in range(a.layers)]
     nbytes = 3 * a.hidden * a.mlp_width * 4 * a.layers
     print(f"# {a.layers} dense SwiGLU MLPs, hidden {a.hidden}, width {a.mlp_width}; 1 thread, fp32")
+    kernel_vs_onednn(a.rows, a.hidden, nbytes, lambda x: [m(x) for m in mlps])
+
+
+def kernel_vs_onednn(rows, hidden: int, nbytes: int, run) -> None:
+    """A table of run(x [n, hidden]) timed with the kernel on, then off, per row count n."""
+    import os
+
     print("| rows | kernel ms (GB/s) | onednn ms (GB/s) |")
     print("|---|---|---|")
     with torch.inference_mode():
-        for n in a.rows:
-            x = torch.randn(n, a.hidden)
+        for n in rows:
+            x = torch.randn(n, hidden)
             cells = []
             for setting in ("1", "0"):
                 os.environ["EXPERTMESH_FUSED_MOE"] = setting
-                t = bench(lambda x=x: [m(x) for m in mlps])
+                t = bench(functools.partial(run, x))
                 cells.append(f"{t:.2f} ({nbytes / t / 1e6:.1f})")
             print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
 
@@ -91,7 +97,6 @@ def projections(a) -> None:
     """The gateway's other projections of a decode step (`layers.Projection`): per layer q/k/v
     as one [(heads + 2 kv_heads) * 64, H] weight and o_proj [H, heads * 64], then the lm_head
     [vocab, H]; the kernel's plain linear against oneDNN, at every row count."""
-    import os
 
     from expertmesh.router.layers import Projection
     from torch import nn
@@ -107,24 +112,14 @@ def projections(a) -> None:
     fns = [(Projection(), qkv, Projection(), o) for qkv, o in layers]
     print(f"# {a.layers} layers' q/k/v and o_proj ({a.heads}/{a.kv_heads} heads of 64, hidden {h})"
           f" and the lm_head (vocab {a.vocab}); 1 thread, fp32")  # fmt: skip
-    print("| rows | kernel ms (GB/s) | onednn ms (GB/s) |")
-    print("|---|---|---|")
-    with torch.inference_mode():
-        for n in a.rows:
-            x = torch.randn(n, h)
 
-            def run(x=x):
-                for p_qkv, qkv, p_o, o in fns:
-                    y = p_qkv(x, qkv)
-                    if o:
-                        p_o(y[0], o)
+    def run(x):
+        for p_qkv, qkv, p_o, o in fns:
+            y = p_qkv(x, qkv)
+            if o:
+                p_o(y[0], o)
 
-            cells = []
-            for setting in ("1", "0"):
-                os.environ["EXPERTMESH_FUSED_MOE"] = setting
-                t = bench(run)
-                cells.append(f"{t:.2f} ({nbytes / t / 1e6:.1f})")
-            print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
+    kernel_vs_onednn(a.rows, h, nbytes, run)
 
 
 def main():

@@ -108,6 +108,17 @@ struct Tiles {
 };
 static const int64_t T = TILE_ROWS;  // rows per register tile (simd.h: 8 on AVX-512, 4 on AVX2)
 
+// y[c, H] = act[c, ip] . w2^T for w2 in its blocked layout [H/16, ip, 16]: the down
+// projection, and the plain linear (em_linear_f32). Column blocks outside, row tiles inside.
+template <typename W>
+static void down_rows(const float* act, int64_t c, int64_t ip, const W* w2, float* y, int64_t H) {
+  for (int64_t hb = 0; hb < H / 16; hb += 2) {
+    const auto* down = hb + 1 < H / 16 ? Tiles<W>::DOWN2 : Tiles<W>::DOWN1;
+    for (int64_t m = 0; m < c; m += T)
+      down[c - m < T ? c - m : T](act + m * ip, ip, w2 + hb * ip * 16, y + m * H, H, hb);
+  }
+}
+
 // y[c, H] = SwiGLU of one expert over its c rows xs[c, H]; act [c, ip] is scratch.
 // Column blocks outside, row tiles inside: a block's weights (2 x H x 16 floats) are read
 // from memory once and then from cache by every tile.
@@ -118,11 +129,7 @@ static void expert_rows(const float* xs, int64_t c, float* act, float* y, int64_
     for (int64_t m = 0; m < c; m += T)
       Tiles<W>::UP[c - m < T ? c - m : T](xs + m * H, H, w13 + j * 2 * H * 16, act + m * ip, ip,
                                           j);
-  for (int64_t hb = 0; hb < H / 16; hb += 2) {
-    const auto* down = hb + 1 < H / 16 ? Tiles<W>::DOWN2 : Tiles<W>::DOWN1;
-    for (int64_t m = 0; m < c; m += T)
-      down[c - m < T ? c - m : T](act + m * ip, ip, w2 + hb * ip * 16, y + m * H, H, hb);
-  }
+  down_rows(act, c, ip, w2, y, H);
 }
 
 // One layer's call: what to compute, grouped by expert, and where each (row, slot) pair's
@@ -280,18 +287,10 @@ int em_fused_moe_f32(const float* x, int64_t n, int64_t H, const int64_t* ids, c
 // [O, K]), bfloat16 when bf16 != 0; x and out float32. O % 16 == 0.
 void em_linear_f32(const float* x, int64_t n, int64_t K, int64_t O, const void* w, int64_t bf16,
                    float* out) {
-  for (int64_t hb = 0; hb < O / 16; hb += 2) {
-    for (int64_t m = 0; m < n; m += T) {
-      int64_t mt = n - m < T ? n - m : T;
-      if (bf16) {
-        const auto* down = hb + 1 < O / 16 ? Tiles<uint16_t>::DOWN2 : Tiles<uint16_t>::DOWN1;
-        down[mt](x + m * K, K, static_cast<const uint16_t*>(w) + hb * K * 16, out + m * O, O, hb);
-      } else {
-        const auto* down = hb + 1 < O / 16 ? Tiles<float>::DOWN2 : Tiles<float>::DOWN1;
-        down[mt](x + m * K, K, static_cast<const float*>(w) + hb * K * 16, out + m * O, O, hb);
-      }
-    }
-  }
+  if (bf16)
+    down_rows(x, n, K, static_cast<const uint16_t*>(w), out, O);
+  else
+    down_rows(x, n, K, static_cast<const float*>(w), out, O);
 }
 
 // The same call started on the helper thread: returns a handle for em_fused_moe_wait (null
