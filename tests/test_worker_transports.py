@@ -51,6 +51,10 @@ class RecordingShard(ExpertShard):
         self.calls.append((layer, x.clone(), expert_ids.clone()))
         return super().forward(layer, x, expert_ids, weights)
 
+    def start(self, layer, x, expert_ids, weights):  # the worker's path with the kernel's helper
+        self.calls.append((layer, x.clone(), expert_ids.clone()))
+        return super().start(layer, x, expert_ids, weights)
+
 
 TRANSPORTS = ["grpc", "tcp"]
 DISPATCHERS = {"grpc": GrpcDispatcher, "tcp": TcpDispatcher}
@@ -297,15 +301,18 @@ def test_hung_worker_is_cut_off_and_its_late_reply_never_read(mesh, transport):
     prompts = prompts_of(RAGGED, m.model_cfg.vocab_size, seed=7)
     want = tokens(m.engine, prompts)
     shard, release = m.shards[1], threading.Event()
-    forward, hung = shard.forward, []
+    hung = []
 
-    def hang_once(*args):
-        if not hung:
-            hung.append(time.perf_counter())
-            release.wait(10)  # answers late, after the gateway gave up
-        return forward(*args)
+    def hang_once(compute):  # the shard's forward, or start (with the kernel's helper)
+        def call(*args):
+            if not hung:
+                hung.append(time.perf_counter())
+                release.wait(10)  # answers late, after the gateway gave up
+            return compute(*args)
 
-    shard.forward = hang_once
+        return call
+
+    shard.forward, shard.start = hang_once(shard.forward), hang_once(shard.start)
     failures = []
 
     def recover(failure):

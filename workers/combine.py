@@ -6,6 +6,12 @@ them one after another would give the experts each gateway's batch alone; here a
 finds others of the same layer queued computes them all in one grouped expert FFN, so the
 experts see the combined batch of the gateways (the point of M:N). One computation runs at a
 time per worker: the shard's torch threads are the worker's compute.
+
+Where the process may use a second core (`fused_moe.helper_thread()`), a computation on the
+fused kernel runs on the kernel's helper thread and the calling thread together, splitting the
+experts (the same bits whichever thread runs which). At one stream over gRPC the worker that
+gets its rows last computes alone while the gateway waits, so a second thread there is
+latency saved.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import fused_moe
 from .experts import ExpertShard
 from .stats import ExchangeStats
 
@@ -32,9 +39,13 @@ class _Job:
 
 
 class Combiner:
-    def __init__(self, shard: ExpertShard, stats: ExchangeStats | None = None):
+    def __init__(
+        self, shard: ExpertShard, stats: ExchangeStats | None = None, overlap: bool | None = None
+    ):
         self.shard = shard
         self.stats = stats or ExchangeStats()  # one count per computation, of its rows
+        # the kernel's helper thread computes beside the caller (see the module docstring)
+        self.overlap = fused_moe.helper_thread() if overlap is None else overlap
         self._queue: list[_Job] = []
         self._queue_lock = threading.Lock()
         self._compute = threading.Lock()
@@ -65,12 +76,17 @@ class Combiner:
         their results [n, H], in order."""
         started = time.perf_counter()
         if len(parts) == 1:
-            out = [self.shard.forward(layer, *parts[0])]
+            out = [self._forward(layer, *parts[0])]
         else:
             x, ids, weights = (torch.cat(t) for t in zip(*parts))  # [sum n, H], [sum n, k] x2
-            out = list(self.shard.forward(layer, x, ids, weights).split([len(p[0]) for p in parts]))
+            out = list(self._forward(layer, x, ids, weights).split([len(p[0]) for p in parts]))
         self.stats.add(sum(len(p[0]) for p in parts), len(parts), time.perf_counter() - started)
         return out
+
+    def _forward(self, layer: int, x, ids, weights) -> torch.Tensor:
+        if self.overlap:
+            return self.shard.start(layer, x, ids, weights).result()  # helper + this thread
+        return self.shard.forward(layer, x, ids, weights)
 
     def _run(self, layer: int, batch: list[_Job]) -> None:
         try:
