@@ -69,6 +69,10 @@ MSGS = [{"role": "user", "content": "Tell me about experts."}]
 
 def test_models_and_health(server, client, ckpt):
     assert [m.id for m in client.models.list().data] == [str(ckpt)]
+    assert client.models.retrieve(str(ckpt)).id == str(ckpt)  # a path: slashes in the URL
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.code == "model_not_found" and e.value.body["param"] == "model"
     assert server.get("/health").status_code == 200  # no key needed
 
 

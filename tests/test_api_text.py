@@ -213,6 +213,24 @@ def test_completions_logprobs_match_usage(client, stream):
     assert len(tokens) == chunks[-1].usage.completion_tokens == 40 and "</s>" in tokens
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_token_ids_end_the_answer_without_their_text(client, tok, stream):
+    """vLLM's `stop_token_ids`, here the token "a" (drawn a quarter of the time): the answer
+    ends at the first one, which is counted and has its entry (the token's own bytes, as vLLM
+    reports it) but, as in vLLM, adds no text; also past EOS with `ignore_eos`."""
+    a = tok.encode("a", add_special_tokens=False)[0]
+    entries, usage, reason, text = chat_entries(
+        client,
+        stream,
+        max_tokens=64,
+        seed=3,
+        extra_body={"stop_token_ids": [a], "ignore_eos": True},
+    )
+    assert reason == "stop" and usage.completion_tokens == len(entries) < 64
+    assert entries[-1].token == "a" and entries[-1].bytes == [ord("a")]
+    assert all(e.token != "a" for e in entries[:-1]) and "a" not in text
+
+
 # -- 8: broken bytes stream as they come ------------------------------------------------------
 
 

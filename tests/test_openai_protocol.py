@@ -77,6 +77,15 @@ def chat_error(**kw) -> op.APIError:
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"min_p": 0.1}, "min_p"),
+        ({"min_tokens": 3}, "min_tokens"),
+        ({"stop_token_ids": [1, "2"]}, "stop_token_ids.1"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function"}], "tool_choice": "auto"}, "tools"),
+        ({"functions": [{"name": "f"}]}, "functions"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
         (
@@ -110,6 +119,37 @@ def test_valid_chat_request_defaults_and_extras():
     assert req.requested_max_tokens == 7 and req.stop_list == ["x"]
     req = op.parse_chat_request(chat(stream=True, stream_options={"include_usage": True}))
     assert req.include_usage
+
+
+def test_unsupported_fields_pass_with_their_neutral_values():
+    """Fields the engine has no use for are a 400 unless they would change nothing."""
+    neutral = dict(repetition_penalty=1, min_p=0.0, min_tokens=0, response_format={"type": "text"})
+    op.parse_chat_request(chat(**neutral, presence_penalty=0, logit_bias={}))
+    op.parse_chat_request(chat(tools=[{"type": "function"}], tool_choice="none", functions=[]))
+    creq = op.parse_completion_request({"prompt": "x", "n": 2, "best_of": 2, "suffix": ""})
+    assert creq.best_of == 2
+    for kw, param in [({"best_of": 3, "n": 2}, "best_of"), ({"best_of": 2}, "best_of"),
+                      ({"suffix": "tail"}, "suffix"), ({"min_p": 0.5}, "min_p")]:  # fmt: skip
+        with pytest.raises(op.APIError) as e:
+            op.parse_completion_request({"prompt": "x", **kw})
+        assert e.value.status == 400 and e.value.param == param
+
+
+def test_stop_token_ids_reach_the_engine_and_end_the_text(tok):
+    """vLLM's `stop_token_ids`: the engine stops on them, and like EOS they leave no text, with
+    `ignore_eos` too (which only makes EOS an ordinary token)."""
+    req = op.parse_completion_request({"prompt": "x", "stop_token_ids": [7, 9]})
+    assert op.sampling_params(req).stop_token_ids == (7, 9)
+    assert op.sampling_params(op.parse_completion_request({"prompt": "x"})).stop_token_ids == ()
+    a, b = (tok.encode(c, add_special_tokens=False)[0] for c in "ab")
+    for ignore_eos, stops in [(False, {b, *EOS}), (True, {b})]:
+        req = op.parse_chat_request(chat(stop_token_ids=[b], ignore_eos=ignore_eos))
+        s = op.text_stream(req, tok, EOS)
+        assert s.stop_token_ids == stops
+        for t in (a, b):
+            s.push(t)
+        s.finish()
+        assert s.text == "a"
 
 
 def test_body_not_an_object():

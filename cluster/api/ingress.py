@@ -207,8 +207,19 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._auth(request)
+        return {"object": "list", "data": [await self._card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(self, request: Request, model: str):
+        """OpenAI's "retrieve model" (`client.models.retrieve`): the card, or 404."""
+        self._auth(request)
+        if not model or model not in self.names:  # the served name, or the checkpoint's path
+            raise op.model_not_found(model)
+        return await self._card()
+
+    async def _card(self) -> dict:
         ctx = await self._context()
-        card = {
+        return {
             "id": self.model_name,
             "object": "model",
             "created": self.created,
@@ -220,7 +231,6 @@ class Ingress:
             "top_k": self.model_cfg.top_k,
             "moe_layers": list(self.model_cfg.moe_layers),  # layer indices, in routed_experts order
         }
-        return {"object": "list", "data": [card]}
 
     @app.get("/metrics")
     async def prometheus(self, request: Request):

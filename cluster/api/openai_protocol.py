@@ -4,8 +4,11 @@ Requests are pydantic models (strict types, unknown fields ignored); responses a
 chunks are plain dicts in the shapes the official `openai` client parses. No Ray, no FastAPI:
 the Serve app calls these and moves the bytes.
 
-Decisions: presence/frequency penalties and logit_bias are accepted only when 0 / empty (the
-sampler has none), `echo` is refused, image parts are refused (text models), the `developer`
+Decisions: fields the engine has no use for are accepted only with their neutral value, so that
+none is silently ignored: presence/frequency penalties and logit_bias (0 / empty), vLLM's
+`repetition_penalty` (1), `min_p` and `min_tokens` (0), completions' `suffix` (empty) and
+`best_of` (n), chat's `response_format` (`text`) and `tools` / `functions` (none, or with
+`tool_choice` "none"); `echo` is refused, image parts are refused (text models), the `developer`
 role renders as `system` (ERNIE's template knows no other), stop strings must be non-empty.
 Text (message contents, text prompts, stop strings) must be valid Unicode: a lone surrogate
 (JSON allows `"\\udfff"`) is a 400 naming the field. User text is encoded as text: a
@@ -14,7 +17,8 @@ special-token string in a message or a text prompt is its characters, never the 
 Usage and logprobs agree: `completion_tokens` counts every token generated for the returned
 choice, the EOS that ended it and the tokens of a stop string included, and each of them has
 a logprob entry (an EOS entry names the token, with no bytes: the text leaves it out).
-Extensions: `return_routed_experts` on requests; `routed_experts` per choice ([tokens][moe
+Extensions: vLLM's `top_k`, `ignore_eos` and `stop_token_ids` (ids that end the choice like EOS:
+the text leaves them out, finish_reason "stop"); `return_routed_experts` on requests; `routed_experts` per choice ([tokens][moe
 layers][k], one per counted token, like logprobs) and `active_params_per_token` / `flops` in
 `usage`.
 """
@@ -186,6 +190,12 @@ class _Sampling(_Strict):
     ignore_eos: bool | None = Field(
         False, description="extension (as vLLM): keep generating past the model's EOS tokens"
     )
+    stop_token_ids: list[int] | None = Field(
+        None, description="extension (as vLLM): token ids that end the choice, as EOS does"
+    )
+    repetition_penalty: float | None = Field(1.0, description="not supported: only 1")
+    min_p: float | None = Field(0.0, description="not supported: only 0")
+    min_tokens: int | None = Field(0, description="not supported: only 0")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -214,6 +224,20 @@ class _Sampling(_Strict):
     def _no_bias(cls, v):
         if v:
             raise ValueError("logit_bias is not supported")
+        return v
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _no_repetition_penalty(cls, v):
+        if v is not None and v != 1:
+            raise ValueError("repetition_penalty is not supported; use 1")
+        return v
+
+    @field_validator("min_p", "min_tokens")
+    @classmethod
+    def _no_minimum(cls, v, info: ValidationInfo):
+        if v:
+            raise ValueError(f"{info.field_name} is not supported; use 0")
         return v
 
     @model_validator(mode="after")
@@ -316,6 +340,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
         None, description="also the most likely tokens at each step; needs logprobs"
     )
+    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
+    tools: list[Any] | None = Field(None, description="not supported: none, or tool_choice none")
+    functions: list[Any] | None = Field(None, description="not supported: as tools")
+    tool_choice: Any = Field(None, description="only 'none' where tools are given")
 
     @model_validator(mode="after")
     def _checks(self):
@@ -323,6 +351,15 @@ class ChatCompletionRequest(_Sampling):
             raise FieldError("messages", "must hold at least one message")
         if self.top_logprobs and not self.logprobs:
             raise FieldError("top_logprobs", "needs logprobs to be true")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise FieldError(
+                "response_format", "only {'type': 'text'} is supported (no structured output)"
+            )
+        for name in ("tools", "functions"):
+            if getattr(self, name) and self.tool_choice != "none":
+                raise FieldError(
+                    name, "tool calling is not supported (unless tool_choice is 'none')"
+                )
         return self
 
     @property
@@ -339,6 +376,8 @@ class CompletionRequest(_Sampling):
         None, description="return the chosen tokens' logprobs and this many alternatives"
     )
     echo: bool | None = Field(False, description="not supported")
+    suffix: str | None = Field(None, description="not supported: only empty")
+    best_of: int | None = Field(None, description="not supported: only n")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -352,6 +391,19 @@ class CompletionRequest(_Sampling):
         if v:
             raise ValueError("echo is not supported")
         return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v):
+        if v:
+            raise ValueError("suffix is not supported")
+        return v
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self):
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise FieldError("best_of", "only best_of equal to n is supported")
+        return self
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -523,6 +575,7 @@ def sampling_params(
         logprobs=logprobs,
         return_routed_experts=bool(req.return_routed_experts),
         top_k=req.top_k or 0,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=bool(req.ignore_eos),
     )
 
@@ -531,9 +584,11 @@ def text_stream(req, tokenizer, stop_token_ids: Iterable[int] = ()) -> TextStrea
     """A TextStream for one choice of `req`; pass the model's EOS ids as stop_token_ids.
 
     With `ignore_eos` the engine goes on past EOS, so an EOS is an ordinary token of the
-    answer (it decodes to no text) rather than the stop token that ends it.
+    answer (it decodes to no text) rather than the stop token that ends it. The request's own
+    `stop_token_ids` end it either way, without their text.
     """
-    return TextStream(tokenizer, req.stop_list, () if req.ignore_eos else stop_token_ids)
+    stops = {*(req.stop_token_ids or ()), *(() if req.ignore_eos else stop_token_ids)}
+    return TextStream(tokenizer, req.stop_list, stops)
 
 
 def finish_reason(engine_reason: str | None, stream: TextStream) -> str | None:
