@@ -152,6 +152,13 @@ def validation_error_to_api_error(exc: ValidationError) -> APIError:
 # -- requests ---------------------------------------------------------------------------------
 
 
+def _only_neutral(v, info: ValidationInfo):
+    """A field the engine has no use for passes only empty, 0 or false."""
+    if v:
+        raise ValueError(f"{info.field_name} is not supported")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -219,25 +226,13 @@ class _Sampling(_Strict):
             raise ValueError("penalties are not supported; use 0")
         return v
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
+    _unsupported = field_validator("logit_bias", "min_p", "min_tokens")(_only_neutral)
 
     @field_validator("repetition_penalty")
     @classmethod
     def _no_repetition_penalty(cls, v):
         if v is not None and v != 1:
             raise ValueError("repetition_penalty is not supported; use 1")
-        return v
-
-    @field_validator("min_p", "min_tokens")
-    @classmethod
-    def _no_minimum(cls, v, info: ValidationInfo):
-        if v:
-            raise ValueError(f"{info.field_name} is not supported; use 0")
         return v
 
     @model_validator(mode="after")
@@ -385,19 +380,9 @@ class CompletionRequest(_Sampling):
         _check_prompt_shape(v)
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported")
-        return v
+    _unsupported_completions = field_validator("echo", "suffix")(
+        _only_neutral
+    )  # not `_unsupported`: that would replace _Sampling's
 
     @model_validator(mode="after")
     def _best_of_is_n(self):
