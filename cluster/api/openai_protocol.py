@@ -380,9 +380,8 @@ class CompletionRequest(_Sampling):
         _check_prompt_shape(v)
         return v
 
-    _unsupported_completions = field_validator("echo", "suffix")(
-        _only_neutral
-    )  # not `_unsupported`: that would replace _Sampling's
+    # a name of its own: `_unsupported` would replace _Sampling's validator
+    _unsupported_completions = field_validator("echo", "suffix")(_only_neutral)
 
     @model_validator(mode="after")
     def _best_of_is_n(self):
