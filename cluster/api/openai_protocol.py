@@ -18,9 +18,9 @@ Usage and logprobs agree: `completion_tokens` counts every token generated for t
 choice, the EOS that ended it and the tokens of a stop string included, and each of them has
 a logprob entry (an EOS entry names the token, with no bytes: the text leaves it out).
 Extensions: vLLM's `top_k`, `ignore_eos` and `stop_token_ids` (ids that end the choice like EOS:
-the text leaves them out, finish_reason "stop"); `return_routed_experts` on requests; `routed_experts` per choice ([tokens][moe
-layers][k], one per counted token, like logprobs) and `active_params_per_token` / `flops` in
-`usage`.
+the text leaves them out, finish_reason "stop"); `return_routed_experts` on requests;
+`routed_experts` per choice ([tokens][moe layers][k], one per counted token, like logprobs) and
+`active_params_per_token` / `flops` in `usage`.
 """
 
 from __future__ import annotations
