@@ -26,7 +26,7 @@ from .dispatch import Dispatcher, LocalDispatcher
 from .events import ErrorKind, TokenEvent, error_event
 from .model import GatewayModel
 from .multimodal import MultimodalPrompt, build_multimodal_step, multimodal_prompt
-from .sampling import SamplingParams, base_seed, sample, step_seed
+from .sampling import History, SamplingParams, base_seed, sample, step_seed
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,12 @@ class _Request:
     stop_ids: frozenset[int]
     mm: MultimodalPrompt | None = None  # a VL prompt's images, 3D positions, vision tokens
     generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def history(self) -> History:
+        seq = self.seq
+        return History(
+            seq.token_ids[: seq.num_prompt], seq.token_ids[seq.num_prompt :], self.stop_ids
+        )
 
     def generator_for_next(self) -> torch.Generator:
         if not self.params.greedy:
@@ -164,6 +170,7 @@ class LLMEngine:
                 f"the prompt has {len(prompt)} tokens; this model's context is "
                 f"{self.max_model_len} tokens including the output"
             )
+        self._checked_ids([t for t, _ in params.logit_bias], what="logit_bias token ids")
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
         resumed = self._checked_ids(resume_ids)
         if len(resumed) >= max_tokens:
@@ -192,12 +199,12 @@ class LLMEngine:
         except Exception as e:  # an unreadable image, placeholders that do not pair up, ...
             raise RequestError(str(e)) from e
 
-    def _checked_ids(self, ids: Seq[int]) -> list[int]:
+    def _checked_ids(self, ids: Seq[int], what: str = "token ids") -> list[int]:
         ids = [int(t) for t in ids]
         bad = [t for t in ids if not 0 <= t < self.model_cfg.vocab_size]
         if bad:
             raise RequestError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_cfg.vocab_size})"
+                f"{what} {bad[:5]} are outside the vocabulary [0, {self.model_cfg.vocab_size})"
             )
         return ids
 
@@ -253,7 +260,8 @@ class LLMEngine:
             return []
         reqs = [self.requests[plan[i].seq.seq_id] for i in rows]
         gens = [r.generator_for_next() for r in reqs]
-        sampled = sample(logits[rows], [r.params for r in reqs], gens)
+        histories = [r.history() if r.params.penalized else None for r in reqs]
+        sampled = sample(logits[rows], [r.params for r in reqs], gens, histories)
         routing = self._routing(reqs, last_index, rows)
         events = []
         for req, s, experts in zip(reqs, sampled, routing, strict=True):

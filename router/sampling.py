@@ -1,4 +1,5 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds.
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, min-p, per-request
+seeds; logit bias, min_tokens, and repetition / presence / frequency penalties.
 
 A seeded request's token at output position k depends only on (seed, k) and the logits, never on
 the process that sampled the tokens before it: that is what lets a request move to another
@@ -6,11 +7,21 @@ gateway mid-stream and continue with the tokens it would have had.
 
 Log-probabilities are those of the model's own distribution (log-softmax of the raw logits),
 before temperature or filtering, as vLLM reports them by default.
+
+The logits a token is drawn from (or the greedy argmax taken of) are adjusted first, in vLLM's
+order: the logit bias is added; while fewer than `min_tokens` tokens are out, the tokens that
+would end the request get -inf; then the penalties. `repetition_penalty` (as in transformers
+and vLLM) divides a positive logit, and multiplies a negative one, of every token seen in the
+prompt or the output; `presence_penalty` is subtracted once from every token in the output so
+far, `frequency_penalty` once per occurrence (OpenAI's definition). Then temperature, and the
+filters: top-k, top-p, and min-p (drop tokens less likely than min_p times the likeliest).
 """
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +38,12 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the model's EOS tokens
     logprobs: int | None = None  # also return this many most likely tokens per step
     return_routed_experts: bool = False  # report each token's experts in every MoE layer
+    min_p: float = 0.0  # keep tokens at least this fraction as likely as the likeliest
+    min_tokens: int = 0  # the stop tokens (EOS, stop_token_ids) are barred until this many
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output
+    presence_penalty: float = 0.0  # subtracted from the logit of each token in the output
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -39,10 +56,72 @@ class SamplingParams:
             raise ValueError("top_k must be -1, 0 or positive")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError("logprobs must be >= 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be in [0, max_tokens]")
+        if not self.repetition_penalty > 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if any(not -100 <= b <= 100 for _, b in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the draw depends on the tokens so far (a penalty, or min_tokens)."""
+        return (
+            self.repetition_penalty != 1
+            or self.presence_penalty != 0
+            or self.frequency_penalty != 0
+            or self.min_tokens > 0
+        )
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether the logits are changed before the draw (`adjust_logits`)."""
+        return self.penalized or bool(self.logit_bias)
+
+
+@dataclass(frozen=True)
+class History:
+    """What the adjustments of one draw look at: the sequence so far and its stop tokens."""
+
+    prompt: Sequence[int]
+    output: Sequence[int]
+    stop_ids: frozenset[int] = frozenset()  # tokens that would end it (barred by min_tokens)
+
+
+def adjust_logits(logits: torch.Tensor, p: SamplingParams, history: History | None) -> torch.Tensor:
+    """logits: [V] raw -> [V] with the logit bias, min_tokens and the penalties applied (a new
+    tensor; see the module docstring). `history` may be None when `p.penalized` is false."""
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    if p.logit_bias:
+        ids, biases = zip(*p.logit_bias)
+        logits.index_add_(0, torch.tensor(ids), torch.tensor(biases, dtype=logits.dtype))
+    if not p.penalized:
+        return logits
+    assert history is not None, "penalties need the sequence so far"
+    if len(history.output) < p.min_tokens and history.stop_ids:
+        logits[[t for t in history.stop_ids if t < vocab]] = float("-inf")
+    output = torch.as_tensor(list(history.output), dtype=torch.int64)  # [n]
+    if p.repetition_penalty != 1:
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[torch.as_tensor(list(history.prompt), dtype=torch.int64)] = True
+        seen[output] = True
+        scaled = torch.where(
+            logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty
+        )
+        logits = torch.where(seen, scaled, logits)
+    if (p.presence_penalty or p.frequency_penalty) and len(output):
+        counts = torch.bincount(output, minlength=vocab).to(logits.dtype)  # [V]
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
 
 
 def base_seed(seed: int | None) -> int:
@@ -62,8 +141,14 @@ def step_seed(seed: int, step: int) -> int:
     return (x ^ (x >> 31)) % 2**63
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits: [V] (already divided by temperature); tokens outside the bounds get -inf."""
+def filter_logits(
+    logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0
+) -> torch.Tensor:
+    """logits: [V] (already divided by temperature); tokens outside the bounds get -inf.
+    min-p first, then top-k, then top-p over what is left (vLLM's order)."""
+    if min_p > 0:
+        # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
+        logits = logits.masked_fill(logits < logits.max() + math.log(min_p), float("-inf"))
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -88,14 +173,20 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator],
+    histories: list[History | None] | None = None,
 ) -> list[Sampled]:
-    """logits: [B, V] fp32, one row per sequence that samples this step."""
+    """logits: [B, V] fp32, one row per sequence that samples this step; histories: per row,
+    needed where its params are `penalized`."""
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     tokens = torch.argmax(logits, dim=-1).tolist()  # [B] greedy picks
     out = []
     for b, (p, g) in enumerate(zip(params, generators, strict=True)):
+        row = logits[b]  # [V]
+        if p.adjusts:
+            row = adjust_logits(row, p, histories[b] if histories is not None else None)
+            tokens[b] = int(torch.argmax(row))
         if not p.greedy:
-            row = filter_logits(logits[b] / p.temperature, p.top_k, p.top_p)
+            row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
             tokens[b] = int(torch.multinomial(row.softmax(-1), 1, generator=g))
         top = None
         if p.logprobs:

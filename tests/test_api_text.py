@@ -266,3 +266,85 @@ def test_broken_bytes_stream_in_chat(client):
     assert sum(map(len, tokens)) == 24 and held_only_for_a_character(tokens)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
     assert "\ufffd" in whole
+
+
+# -- 9: penalties, logit bias, min_tokens -----------------------------------------------------
+
+
+def api_tokens(tok) -> dict[int, str]:
+    """The four tokens the model draws, as the API's logprobs name them."""
+    a = tok.encode("a", add_special_tokens=False)[0]
+    return {byte_token(tok, 0x80): "\\x80", byte_token(tok, 0xC3): "\\xc3", a: "a", EOS: "</s>"}
+
+
+def penalized_greedy(ckpt, n: int, presence: float, frequency: float) -> list[int]:
+    """Greedy from the fixed distribution, each token's logit less frequency x its count so far
+    and presence if it appeared (OpenAI's definition); ties go to the lower id."""
+    base = {t: math.log(p) for t, p in fixed_distribution_probs(ckpt).items()}
+    out: list[int] = []
+    for _ in range(n):
+        score = {t: v - frequency * out.count(t) - presence * (t in out) for t, v in base.items()}
+        out.append(max(sorted(score), key=lambda t: score[t]))
+    return out
+
+
+def fixed_distribution_probs(ckpt) -> dict[int, float]:
+    """{token id: p} as the checkpoint holds it (fp32 log-probabilities in lm_head.bias)."""
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    bias = load_file(ckpt / index["lm_head.bias"])["lm_head.bias"]  # [V]
+    return {t: math.exp(float(bias[t])) for t in (bias > -100).nonzero().flatten().tolist()}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_presence_and_frequency_penalties_change_greedy_tokens(client, ckpt, tok, stream):
+    """Greedy alone repeats the likeliest token; with the penalties the answer is exactly the
+    sequence their definition gives."""
+    names = api_tokens(tok)
+    kw = dict(model=MODEL, prompt="x", max_tokens=12, logprobs=0, temperature=0)
+    kw["extra_body"] = {"ignore_eos": True}
+    for presence, frequency in [(0.0, 0.0), (0.1, 0.25), (1.5, 0.0)]:
+        args = dict(kw, presence_penalty=presence, frequency_penalty=frequency)
+        if stream:
+            chunks = client.completions.create(**args, stream=True)
+            got = [t for c in chunks if c.choices and c.choices[0].logprobs
+                   for t in c.choices[0].logprobs.tokens]  # fmt: skip
+        else:
+            got = client.completions.create(**args).choices[0].logprobs.tokens
+        want = [names[t] for t in penalized_greedy(ckpt, 12, presence, frequency)]
+        assert got == want
+    assert len(set(want)) == 4  # presence 1.5 cycles through all four
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_bars_eos_that_logit_bias_favours(client, stream):
+    """logit_bias +100 on EOS ends the answer at once; with min_tokens 3, after 3 tokens."""
+    for min_tokens, want in [(0, ["</s>"]), (3, ["\\x80"] * 3 + ["</s>"])]:
+        body = {"logit_bias": {str(EOS): 100}, "min_tokens": min_tokens}
+        kw = dict(model=MODEL, messages=MSGS, logprobs=True, temperature=0, max_tokens=10)
+        if stream:
+            chunks = list(
+                client.chat.completions.create(
+                    **kw, extra_body=body, stream=True, stream_options={"include_usage": True}
+                )
+            )
+            body_chunks = [c for c in chunks if c.choices]
+            got = [e.token for c in body_chunks if c.choices[0].logprobs
+                   for e in c.choices[0].logprobs.content]  # fmt: skip
+            reason = [c.choices[0].finish_reason for c in body_chunks][-1]
+            usage = chunks[-1].usage
+        else:
+            r = client.chat.completions.create(**kw, extra_body=body)
+            got = [e.token for e in r.choices[0].logprobs.content]
+            reason, usage = r.choices[0].finish_reason, r.usage
+        assert got == want and reason == "stop" and usage.completion_tokens == len(want)
+
+
+def test_logit_bias_outside_the_vocabulary_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(
+            model=MODEL, prompt="x", max_tokens=2, logit_bias={"5": 1, "10000000": 5}
+        )
+    err = e.value.body
+    assert err["param"] == "logit_bias" and "[10000000]" in err["message"]
+    r = client.completions.create(model=MODEL, prompt="x", max_tokens=2, logit_bias={"5": 1})
+    assert r.choices[0].finish_reason in ("stop", "length")

@@ -71,15 +71,21 @@ def chat_error(**kw) -> op.APIError:
         ({"stop": 5}, "stop"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": -1.0}, "frequency_penalty"),
-        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.1}, "frequency_penalty"),
+        ({"frequency_penalty": "1"}, "frequency_penalty"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+        ({"logit_bias": {"five": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"-3": 1.0}}, "logit_bias"),
+        ({"logit_bias": [5, 1.0]}, "logit_bias"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
-        ({"repetition_penalty": 1.2}, "repetition_penalty"),
-        ({"min_p": 0.1}, "min_p"),
-        ({"min_tokens": 3}, "min_tokens"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 6, "max_tokens": 5}, "min_tokens"),
+        ({"min_tokens": 6, "max_completion_tokens": 5}, "min_tokens"),
         ({"stop_token_ids": [1, "2"]}, "stop_token_ids.1"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
@@ -121,15 +127,36 @@ def test_valid_chat_request_defaults_and_extras():
     assert req.include_usage
 
 
+def test_penalties_bias_and_min_p_reach_the_engine():
+    """OpenAI's penalties and logit_bias, vLLM's repetition_penalty, min_p and min_tokens: each
+    choice's SamplingParams carries them (token ids as ints)."""
+    req = op.parse_chat_request(
+        chat(presence_penalty=0.5, frequency_penalty=-1.5, logit_bias={"5": -100, "17": 2.5},
+             repetition_penalty=1.3, min_p=0.05, min_tokens=4, max_tokens=9, n=2)
+    )  # fmt: skip
+    for i in range(2):
+        p = op.sampling_params(req, i)
+        assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -1.5, 1.3)
+        assert (p.min_p, p.min_tokens, p.max_tokens) == (0.05, 4, 9)
+        assert dict(p.logit_bias) == {5: -100, 17: 2.5}
+    p = op.sampling_params(op.parse_chat_request(chat()))
+    assert not p.adjusts and p.min_p == 0
+    # an unset max_tokens gives way to min_tokens; a set one must hold it (above)
+    creq = op.parse_completion_request({"prompt": "x", "min_tokens": 40})
+    assert op.sampling_params(creq).max_tokens == 40
+    with pytest.raises(op.APIError) as e:
+        op.check_logit_bias(op.parse_chat_request(chat(logit_bias={"3": 1, "999": 1})), 999)
+    assert e.value.status == 400 and e.value.param == "logit_bias" and "[999]" in e.value.message
+
+
 def test_unsupported_fields_pass_with_their_neutral_values():
     """Fields the engine has no use for are a 400 unless they would change nothing."""
-    neutral = dict(repetition_penalty=1, min_p=0.0, min_tokens=0, response_format={"type": "text"})
-    op.parse_chat_request(chat(**neutral, presence_penalty=0, logit_bias={}))
+    op.parse_chat_request(chat(response_format={"type": "text"}))
     op.parse_chat_request(chat(tools=[{"type": "function"}], tool_choice="none", functions=[]))
     creq = op.parse_completion_request({"prompt": "x", "n": 2, "best_of": 2, "suffix": ""})
     assert creq.best_of == 2
     for kw, param in [({"best_of": 3, "n": 2}, "best_of"), ({"best_of": 2}, "best_of"),
-                      ({"suffix": "tail"}, "suffix"), ({"min_p": 0.5}, "min_p")]:  # fmt: skip
+                      ({"suffix": "tail"}, "suffix"), ({"echo": True}, "echo")]:  # fmt: skip
         with pytest.raises(op.APIError) as e:
             op.parse_completion_request({"prompt": "x", **kw})
         assert e.value.status == 400 and e.value.param == param
@@ -371,6 +398,17 @@ def test_held_tail_released_when_disambiguated(tok):
     held = "".join(s.push(t).text for t in tok.encode("the se", add_special_tokens=False))
     # text goes out token by token: the token " se" waits whole
     assert held == "the" and s.finish().text == " se"
+
+
+def test_min_tokens_hold_off_stop_strings(tok):
+    """As vLLM: a stop string ending within the first min_tokens tokens does not stop the text;
+    the next one does."""
+    ids = tok.encode("Hello sea, hello sea! Bye", add_special_tokens=False)
+    k = next(n for n in range(1, len(ids)) if "sea" in tok.decode(ids[:n]))
+    for min_tokens, text in [(0, "Hello "), (k - 1, "Hello "), (k, "Hello sea, hello ")]:
+        s = TextStream(tok, stop=["sea"], min_tokens=min_tokens)
+        out = "".join(s.push(t).text for t in ids)
+        assert s.stopped and out == s.text == text
 
 
 def test_stop_tokens_make_no_text_and_pushes_after_stop_are_ignored(tok):

@@ -1,4 +1,5 @@
-"""Sampling: bounds of top-k and top-p, seeds, greedy, logprobs; and through the engine."""
+"""Sampling: bounds of top-k, top-p and min-p, seeds, greedy, logprobs, the logit adjustments
+(bias, min_tokens, penalties); and through the engine, against transformers' logits."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import math
 
 import pytest
 import torch
-from conftest import CONFIGS
+from conftest import CONFIGS, reference_model
 from expertmesh.router.engine import LLMEngine
-from expertmesh.router.sampling import SamplingParams, filter_logits, sample, step_seed
+from expertmesh.router.sampling import (
+    History,
+    SamplingParams,
+    adjust_logits,
+    filter_logits,
+    sample,
+    step_seed,
+)
 
 PROBS = torch.tensor([0.05, 0.5, 0.15, 0.3])  # token 1, then 3, then 2, then 0
 LOGITS = PROBS.log()
@@ -34,6 +42,46 @@ def draws(params, n=400, seed=0):
 def test_top_k_top_p_bounds(top_k, top_p, allowed):
     seen = set(draws(SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)))
     assert seen == allowed  # never outside, and (with 400 draws) every allowed token appears
+
+
+@pytest.mark.parametrize(
+    "min_p,top_p,allowed",
+    [(1.0, 1.0, {1}), (0.5, 1.0, {1, 3}), (0.2, 1.0, {1, 3, 2}), (0.05, 1.0, {0, 1, 2, 3}),
+     (0.2, 0.6, {1, 3})],
+)  # fmt: skip
+def test_min_p_keeps_the_tokens_near_the_likeliest(min_p, top_p, allowed):
+    """min_p: p >= min_p * p_max stays (0.5 * 0.5 = 0.25: tokens 1 and 3); then top-p over the
+    rest (0.2, 0.6: 0.5 / 0.95 < 0.6, so token 3 stays)."""
+    seen = set(draws(SamplingParams(temperature=1.0, min_p=min_p, top_p=top_p)))
+    assert seen == allowed
+
+
+def test_adjustments_follow_their_definitions():
+    """By hand: bias, then min_tokens bars the stop token, then repetition (prompt and output:
+    a positive logit halves, a negative one doubles), presence and frequency (output only)."""
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0, 0.0])
+    p = SamplingParams(
+        max_tokens=8, min_tokens=4, repetition_penalty=2.0, presence_penalty=0.5,
+        frequency_penalty=0.25, logit_bias=((1, 1.5), (5, 0.0)),
+    )  # fmt: skip
+    history = History(prompt=[0, 4], output=[3, 3, 2], stop_ids=frozenset({5, 99}))
+    got = adjust_logits(logits, p, history)
+    want = [2.0 / 2, -1.0 + 1.5, 0.5 / 2 - 0.25 - 0.5, 3.0 / 2 - 0.5 - 0.5, -2.0 * 2, -math.inf]
+    assert got.tolist() == want
+    assert logits[0] == 2.0  # the caller's logits are left alone
+    later = adjust_logits(logits, p, History([0, 4], [3, 3, 2, 1], frozenset({5})))
+    assert later[5] == 0.0  # min_tokens reached: the stop token is back
+    only_bias = SamplingParams(logit_bias=((2, -100.0), (2, 50.0)))  # repeats add up
+    assert adjust_logits(logits, only_bias, None).tolist()[2] == 0.5 - 50
+
+
+def test_adjusted_logits_decide_the_pick_but_not_the_logprob():
+    g = [torch.Generator().manual_seed(0)]
+    s = sample(LOGITS[None], [SamplingParams(temperature=0, logit_bias=((0, 100.0),))], g)[0]
+    assert s.token == 0 and math.isclose(s.logprob, math.log(0.05), rel_tol=1e-5)
+    p = SamplingParams(temperature=0, presence_penalty=2.0)
+    s = sample(LOGITS[None], [p], g, [History([1], [1], frozenset())])[0]
+    assert s.token == 3  # token 1's 0.5 less 2 falls below token 3's 0.3
 
 
 def test_filter_keeps_at_least_one():
@@ -66,8 +114,13 @@ def test_greedy_and_logprobs():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)],
-)
+    [
+        dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
+        dict(top_k=-2), dict(min_p=-0.1), dict(min_p=1.1), dict(min_tokens=5, max_tokens=4),
+        dict(repetition_penalty=0), dict(presence_penalty=2.5), dict(frequency_penalty=-3),
+        dict(logit_bias=((1, 101.0),)),
+    ],
+)  # fmt: skip
 def test_bad_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -110,3 +163,50 @@ def test_a_resumed_request_continues_with_the_same_tokens(make_checkpoint, tempe
         assert full[:k] + out == full
     with pytest.raises(ValueError, match="nothing left"):
         engine.add_request("done", prompt, p, resume_ids=full)
+
+
+def reference_greedy(path, prompt, p: SamplingParams, eos: set[int]) -> list[int]:
+    """Greedy tokens from transformers' logits (whole prefix each step) with the adjustments
+    written out token by token from their definitions."""
+    model, out = reference_model(path), []
+    for _ in range(p.max_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + out])).logits[0, -1].double()  # [V]
+        for t, b in p.logit_bias:
+            logits[t] += b
+        if len(out) < p.min_tokens:
+            logits[list(eos | set(p.stop_token_ids))] = -math.inf
+        for t in set(prompt) | set(out):
+            r = p.repetition_penalty
+            logits[t] = logits[t] / r if logits[t] > 0 else logits[t] * r
+        for t in set(out):
+            logits[t] -= p.frequency_penalty * out.count(t) + p.presence_penalty
+        out.append(int(logits.argmax()))
+        if out[-1] in eos | set(p.stop_token_ids) and not (p.ignore_eos and out[-1] in eos):
+            break
+    return out
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(repetition_penalty=1.8),
+        dict(presence_penalty=1.5, frequency_penalty=0.7),
+        dict(repetition_penalty=0.6, frequency_penalty=-0.4),
+        dict(min_tokens=6, logit_bias=((2, 60.0), (7, -100.0))),  # 2 is EOS: barred 6 tokens
+    ],
+)
+def test_adjusted_greedy_through_the_engine_matches_the_reference(make_checkpoint, kw):
+    """The engine hands the sampler the right prompt and output (with continuous batching,
+    next to a plain request): its greedy tokens are those of transformers' logits adjusted by
+    the definitions."""
+    path = make_checkpoint(**CONFIGS["top2of8-shared1"])
+    engine = LLMEngine.from_checkpoint(path, num_shards=2)
+    eos = set(engine.model_cfg.eos_token_ids)
+    prompt = [5, 6, 7, 8, 5, 6]
+    p = SamplingParams(max_tokens=12, temperature=0, **kw)
+    plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    got = engine.generate([[9, 9, 9], prompt], [plain, p])[1].token_ids
+    assert got == reference_greedy(path, prompt, p, eos)
+    if "min_tokens" in kw:  # EOS, favoured by 60, comes right after them
+        assert len(got) == 7 and got[-1] == 2 and 2 not in got[:-1]

@@ -275,6 +275,7 @@ class Ingress:
         body = await json_body(request, self.args.max_body_bytes)
         req = op.parse_chat_request(body, images=self.model_cfg.is_vl)
         self._check_model(req.model)
+        op.check_logit_bias(req, self.model_cfg.vocab_size)
         images = await self.images.load(req)  # VL: checked and preprocessed, before tokenizing
         prompt = await asyncio.to_thread(op.chat_prompt_ids, req, self.tokenizer)
         expanded = self.images.expanded(prompt, images)  # what the engine computes and counts
@@ -321,6 +322,7 @@ class Ingress:
     async def _completions(self, request: Request, t0: float):
         req = op.parse_completion_request(await json_body(request, self.args.max_body_bytes))
         self._check_model(req.model)
+        op.check_logit_bias(req, self.model_cfg.vocab_size)
         self.admission.check_choices(num_prompts(req.prompt), req.n)  # before tokenizing them all
         prompts = await asyncio.to_thread(op.completion_prompts, req, self.tokenizer)
         ctx = await self._context()

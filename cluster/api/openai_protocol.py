@@ -5,10 +5,9 @@ chunks are plain dicts in the shapes the official `openai` client parses. No Ray
 the Serve app calls these and moves the bytes.
 
 Decisions: fields the engine has no use for are accepted only with their neutral value, so that
-none is silently ignored: presence/frequency penalties and logit_bias (0 / empty), vLLM's
-`repetition_penalty` (1), `min_p` and `min_tokens` (0), completions' `suffix` (empty) and
-`best_of` (n), chat's `response_format` (`text`) and `tools` / `functions` (none, or with
-`tool_choice` "none"); `echo` is refused, image parts are refused (text models), the `developer`
+none is silently ignored: completions' `suffix` (empty) and `best_of` (n), chat's
+`response_format` (`text`) and `tools` / `functions` (none, or with `tool_choice` "none");
+`echo` is refused, image parts are refused (text models), the `developer`
 role renders as `system` (ERNIE's template knows no other), stop strings must be non-empty.
 Text (message contents, text prompts, stop strings) must be valid Unicode: a lone surrogate
 (JSON allows `"\\udfff"`) is a 400 naming the field. User text is encoded as text: a
@@ -17,6 +16,11 @@ special-token string in a message or a text prompt is its characters, never the 
 Usage and logprobs agree: `completion_tokens` counts every token generated for the returned
 choice, the EOS that ended it and the tokens of a stop string included, and each of them has
 a logprob entry (an EOS entry names the token, with no bytes: the text leaves it out).
+Sampling: OpenAI's `presence_penalty`, `frequency_penalty` and `logit_bias` (token ids as
+strings, checked against the vocabulary), and vLLM's `repetition_penalty`, `min_p` and
+`min_tokens` (no stop token, and as in vLLM no stop string ending within them, before that many
+tokens; at most max_tokens, and an unset max_tokens defaults to at least it); the math is in
+`expertmesh.router.sampling`. Logprobs stay those of the model's raw distribution.
 Extensions: vLLM's `top_k`, `ignore_eos` and `stop_token_ids` (ids that end the choice like EOS:
 the text leaves them out, finish_reason "stop"); `return_routed_experts` on requests;
 `routed_experts` per choice ([tokens][moe layers][k], one per counted token, like logprobs) and
@@ -184,9 +188,15 @@ class _Sampling(_Strict):
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the text")
     stream: bool | None = Field(False, description="answer with server-sent events")
     stream_options: StreamOptions | None = Field(None, description="options of the stream")
-    presence_penalty: float | None = Field(0.0, description="not supported: only 0")
-    frequency_penalty: float | None = Field(0.0, description="not supported: only 0")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: only empty")
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = Field(
+        0.0, description="subtracted from the logit of every token already in the output"
+    )
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = Field(
+        0.0, description="subtracted from a token's logit once per time it is in the output"
+    )
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (a string) -> added to its logit, -100 to 100"
+    )
     user: str | None = Field(None, description="the end user, for logs")
     return_routed_experts: bool | None = Field(
         False, description="extension: report each token's experts in every MoE layer"
@@ -200,9 +210,15 @@ class _Sampling(_Strict):
     stop_token_ids: list[int] | None = Field(
         None, description="extension (as vLLM): token ids that end the choice, as EOS does"
     )
-    repetition_penalty: float | None = Field(1.0, description="not supported: only 1")
-    min_p: float | None = Field(0.0, description="not supported: only 0")
-    min_tokens: int | None = Field(0, description="not supported: only 0")
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = Field(
+        1.0, description="extension (as vLLM): > 1 discourages tokens of the prompt and output"
+    )
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        0.0, description="extension (as vLLM): drop tokens less likely than min_p x the top one"
+    )
+    min_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        0, description="extension (as vLLM): no stop token or stop string before this many"
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -219,21 +235,20 @@ class _Sampling(_Strict):
                 raise ValueError(err)
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalty(cls, v):
-        if v:
-            raise ValueError("penalties are not supported; use 0")
+    def _token_id_keys(cls, v):
+        for key in v or {}:
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers), not {key!r}")
         return v
 
-    _unsupported = field_validator("logit_bias", "min_p", "min_tokens")(_only_neutral)
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _no_repetition_penalty(cls, v):
-        if v is not None and v != 1:
-            raise ValueError("repetition_penalty is not supported; use 1")
-        return v
+    @model_validator(mode="after")
+    def _min_tokens_within_max(self):
+        most = self.requested_max_tokens
+        if self.min_tokens and most is not None and self.min_tokens > most:
+            raise FieldError("min_tokens", f"must be at most max_tokens ({most})")
+        return self
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -501,6 +516,16 @@ def _encode_prompt(tokenizer, text: str, param: str) -> list[int]:
         raise bad_request(f"{param}: the text cannot be tokenized: {e}", param) from e
 
 
+def check_logit_bias(req, vocab_size: int) -> None:
+    """APIError 400 for a logit_bias token id outside the vocabulary."""
+    bad = [t for t in map(int, req.logit_bias or {}) if t >= vocab_size]
+    if bad:
+        raise bad_request(
+            f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})",
+            "logit_bias",
+        )
+
+
 def check_prompt(
     ids: list[int],
     vocab_size: int,
@@ -547,6 +572,7 @@ def sampling_params(
     else:
         max_tokens = req.max_tokens or default_max_tokens
         logprobs = req.logprobs
+    max_tokens = max(max_tokens, req.min_tokens or 0)  # a default below min_tokens gives way
     seed = None
     if req.seed is not None:
         seed = req.seed + choice_index
@@ -561,6 +587,12 @@ def sampling_params(
         top_k=req.top_k or 0,
         stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=bool(req.ignore_eos),
+        min_p=req.min_p or 0.0,
+        min_tokens=req.min_tokens or 0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=tuple((int(t), b) for t, b in (req.logit_bias or {}).items()),
     )
 
 
@@ -572,7 +604,7 @@ def text_stream(req, tokenizer, stop_token_ids: Iterable[int] = ()) -> TextStrea
     `stop_token_ids` end it either way, without their text.
     """
     stops = {*(req.stop_token_ids or ()), *(() if req.ignore_eos else stop_token_ids)}
-    return TextStream(tokenizer, req.stop_list, stops)
+    return TextStream(tokenizer, req.stop_list, stops, min_tokens=req.min_tokens or 0)
 
 
 def finish_reason(engine_reason: str | None, stream: TextStream) -> str | None:

@@ -66,10 +66,15 @@ class TextStream:
     """Detokenizes one choice; `push` each engine token, then `finish` (unless `stopped`)."""
 
     def __init__(
-        self, tokenizer, stop: Sequence[str] = (), stop_token_ids: Iterable[int] = ()
+        self,
+        tokenizer,
+        stop: Sequence[str] = (),
+        stop_token_ids: Iterable[int] = (),
+        min_tokens: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.min_tokens = min_tokens  # stop strings count only once more tokens than this are out
         self.stop_token_ids = frozenset(stop_token_ids)
         self.num_tokens = 0  # tokens pushed before the stream finished, stop tokens included
         self.stopped = False  # ended by a stop string
@@ -174,8 +179,10 @@ class TextStream:
         """Index of the earliest stop string in the decoded text, if any."""
         if not self.stop:
             return None
-        hits = [i for s in self.stop if (i := self._decoded.find(s, self._scan_from)) >= 0]
         longest = max(len(s) for s in self.stop)
+        hits = []
+        if self.num_tokens > self.min_tokens:  # as vLLM: only text ending past them is searched
+            hits = [i for s in self.stop if (i := self._decoded.find(s, self._scan_from)) >= 0]
         self._scan_from = max(self._scan_from, len(self._decoded) - longest + 1)
         return min(hits) if hits else None
 
