@@ -19,6 +19,7 @@ filters: top-k, top-p, and min-p (drop tokens less likely than min_p times the l
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -60,8 +61,8 @@ class SamplingParams:
             raise ValueError("min_p must be in [0, 1]")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError("min_tokens must be in [0, max_tokens]")
-        if not self.repetition_penalty > 0:
-            raise ValueError("repetition_penalty must be > 0")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError("repetition_penalty must be > 0 and finite")
         if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
         if any(not -100 <= b <= 100 for _, b in self.logit_bias):
@@ -80,6 +81,12 @@ class SamplingParams:
             or self.frequency_penalty != 0
             or self.min_tokens > 0
         )
+
+    @functools.cached_property
+    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as ids [n] and biases [n], made once per request, not once per step."""
+        ids, biases = zip(*self.logit_bias) if self.logit_bias else ((), ())
+        return torch.tensor(ids, dtype=torch.int64), torch.tensor(biases, dtype=torch.float32)
 
     @property
     def adjusts(self) -> bool:
@@ -102,8 +109,8 @@ def adjust_logits(logits: torch.Tensor, p: SamplingParams, history: History | No
     logits = logits.clone()
     vocab = logits.shape[-1]
     if p.logit_bias:
-        ids, biases = zip(*p.logit_bias)
-        logits.index_add_(0, torch.tensor(ids), torch.tensor(biases, dtype=logits.dtype))
+        ids, biases = p.bias_tensors
+        logits.index_add_(0, ids, biases.to(logits.dtype))
     if not p.penalized:
         return logits
     assert history is not None, "penalties need the sequence so far"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -117,7 +118,7 @@ def test_greedy_and_logprobs():
     [
         dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
         dict(top_k=-2), dict(min_p=-0.1), dict(min_p=1.1), dict(min_tokens=5, max_tokens=4),
-        dict(repetition_penalty=0), dict(presence_penalty=2.5), dict(frequency_penalty=-3),
+        dict(repetition_penalty=0), dict(repetition_penalty=math.inf), dict(presence_penalty=2.5), dict(frequency_penalty=-3),
         dict(logit_bias=((1, 101.0),)),
     ],
 )  # fmt: skip
@@ -134,7 +135,7 @@ def test_seeded_sampling_through_the_engine_ignores_batchmates(make_checkpoint):
     other = SamplingParams(max_tokens=16, temperature=0.7, seed=1, ignore_eos=True)
     batched = engine.generate([[9, 9], [5, 6, 7], [11] * 9], [other, p, other])[1].token_ids
     assert alone == batched
-    again = engine.generate([[5, 6, 7]], SamplingParams(**{**p.__dict__, "seed": 43}))[0]
+    again = engine.generate([[5, 6, 7]], dataclasses.replace(p, seed=43))[0]
     assert again.token_ids != alone
 
 

@@ -48,6 +48,7 @@ from pydantic import (
 
 from .textstream import TextStream
 
+MAX_LOGIT_BIAS = 1024  # logit_bias entries per request (each step of it adds them up)
 DEFAULT_MAX_TOKENS = 4096  # chat output limit when a request names none (the engine clamps it)
 MAX_STOP_STRINGS = 4
 MIN_LOGPROB = -9999.0  # what OpenAI reports for impossible tokens (JSON has no -inf)
@@ -194,9 +195,12 @@ class _Sampling(_Strict):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = Field(
         0.0, description="subtracted from a token's logit once per time it is in the output"
     )
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
-        None, description="token id (a string) -> added to its logit, -100 to 100"
-    )
+    logit_bias: (
+        Annotated[
+            dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS)
+        ]
+        | None
+    ) = Field(None, description="token id (a string) -> added to its logit, -100 to 100")
     user: str | None = Field(None, description="the end user, for logs")
     return_routed_experts: bool | None = Field(
         False, description="extension: report each token's experts in every MoE layer"
@@ -210,7 +214,7 @@ class _Sampling(_Strict):
     stop_token_ids: list[int] | None = Field(
         None, description="extension (as vLLM): token ids that end the choice, as EOS does"
     )
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = Field(
+    repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
         1.0, description="extension (as vLLM): > 1 discourages tokens of the prompt and output"
     )
     min_p: Annotated[float, Field(ge=0, le=1)] | None = Field(
