@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
@@ -11,7 +12,9 @@ import openai
 import pytest
 from expertmesh.cluster.api import openai_protocol as op
 from expertmesh.cluster.api import openai_responses as resp
+from expertmesh.cluster.api.admission import Admission
 from expertmesh.cluster.api.textstream import TextStream, token_bytes, token_text
+from expertmesh.cluster.config import ServeArgs
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.ernie.tokenizer import load_tokenizer
 from expertmesh.router.events import ErrorKind, TokenEvent
@@ -149,6 +152,18 @@ def test_penalties_bias_and_min_p_reach_the_engine():
     with pytest.raises(op.APIError) as e:
         op.check_logit_bias(op.parse_chat_request(chat(logit_bias={"3": 1, "999": 1})), 999)
     assert e.value.status == 400 and e.value.param == "logit_bias" and "[999]" in e.value.message
+
+
+def test_admission_counts_the_tokens_min_tokens_forces():
+    """min_tokens raises an unset max_tokens, so the per-request token bound counts it."""
+    admission = Admission(ServeArgs(max_request_tokens=100, default_max_tokens=16))
+    admit = lambda **kw: asyncio.run(  # noqa: E731
+        admission.admit(None, [[1] * 10], op.parse_chat_request(chat(**kw)), 4096, 0)
+    )
+    admit(min_tokens=80)  # 10 + 80
+    with pytest.raises(op.APIError) as e:
+        admit(min_tokens=95)
+    assert e.value.param == "max_tokens" and "105 tokens" in e.value.message
 
 
 def test_unsupported_fields_pass_with_their_neutral_values():
