@@ -69,12 +69,23 @@ class _Request:
     stop_ids: frozenset[int]
     mm: MultimodalPrompt | None = None  # a VL prompt's images, 3D positions, vision tokens
     generator: torch.Generator = field(default_factory=torch.Generator)
+    history: History | None = None  # for penalties and min_tokens (`history_for_next`)
 
-    def history(self) -> History:
-        seq = self.seq
-        return History(
-            seq.token_ids[: seq.num_prompt], seq.token_ids[seq.num_prompt :], self.stop_ids
-        )
+    def history_for_next(self, vocab: int) -> History | None:
+        """Where the params need it: the prompt's tokens and the output's counts so far (made
+        at the first draw, then kept up to date by `appended`)."""
+        if not self.params.penalized:
+            return None
+        if self.history is None:
+            seq = self.seq
+            prompt, output = seq.token_ids[: seq.num_prompt], seq.token_ids[seq.num_prompt :]
+            self.history = History(vocab, prompt, output, self.stop_ids)
+        return self.history
+
+    def appended(self, token: int) -> None:
+        self.seq.token_ids.append(token)
+        if self.history is not None:
+            self.history.add(token)
 
     def generator_for_next(self) -> torch.Generator:
         if not self.params.greedy:
@@ -260,13 +271,13 @@ class LLMEngine:
             return []
         reqs = [self.requests[plan[i].seq.seq_id] for i in rows]
         gens = [r.generator_for_next() for r in reqs]
-        histories = [r.history() if r.params.penalized else None for r in reqs]
+        histories = [r.history_for_next(logits.shape[-1]) for r in reqs]
         sampled = sample(logits[rows], [r.params for r in reqs], gens, histories)
         routing = self._routing(reqs, last_index, rows)
         events = []
         for req, s, experts in zip(reqs, sampled, routing, strict=True):
             seq = req.seq
-            seq.token_ids.append(s.token)
+            req.appended(s.token)
             reason = None
             if s.token in req.stop_ids:
                 reason = "stop"

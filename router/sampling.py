@@ -94,39 +94,50 @@ class SamplingParams:
         return self.penalized or bool(self.logit_bias)
 
 
-@dataclass(frozen=True)
 class History:
-    """What the adjustments of one draw look at: the sequence so far and its stop tokens."""
+    """What the adjustments of one request's draws look at, kept up to date token by token (a
+    step costs the same whatever the prompt's length): which tokens its prompt holds, how often
+    each token is in its output, and the tokens that would end it (barred by min_tokens)."""
 
-    prompt: Sequence[int]
-    output: Sequence[int]
-    stop_ids: frozenset[int] = frozenset()  # tokens that would end it (barred by min_tokens)
+    def __init__(
+        self,
+        vocab: int,
+        prompt: Sequence[int],
+        output: Sequence[int] = (),
+        stop_ids: frozenset[int] = frozenset(),
+    ):
+        self.prompt_seen = torch.zeros(vocab, dtype=torch.bool)  # [V]
+        self.prompt_seen[torch.as_tensor(list(prompt), dtype=torch.int64)] = True
+        self.output_counts = torch.zeros(vocab)  # [V] float32
+        self.num_output = 0
+        self.stop_ids = torch.tensor(sorted(t for t in stop_ids if 0 <= t < vocab))  # [s]
+        for t in output:
+            self.add(t)
+
+    def add(self, token: int) -> None:
+        """A token was appended to the output."""
+        self.output_counts[token] += 1
+        self.num_output += 1
 
 
 def adjust_logits(logits: torch.Tensor, p: SamplingParams, history: History | None) -> torch.Tensor:
     """logits: [V] raw -> [V] with the logit bias, min_tokens and the penalties applied (a new
     tensor; see the module docstring). `history` may be None when `p.penalized` is false."""
     logits = logits.clone()
-    vocab = logits.shape[-1]
     if p.logit_bias:
         ids, biases = p.bias_tensors
         logits.index_add_(0, ids, biases.to(logits.dtype))
     if not p.penalized:
         return logits
     assert history is not None, "penalties need the sequence so far"
-    if len(history.output) < p.min_tokens and history.stop_ids:
-        logits[[t for t in history.stop_ids if t < vocab]] = float("-inf")
-    output = torch.as_tensor(list(history.output), dtype=torch.int64)  # [n]
+    if history.num_output < p.min_tokens:
+        logits[history.stop_ids] = float("-inf")
+    counts = history.output_counts.to(logits.dtype)  # [V]
     if p.repetition_penalty != 1:
-        seen = torch.zeros(vocab, dtype=torch.bool)
-        seen[torch.as_tensor(list(history.prompt), dtype=torch.int64)] = True
-        seen[output] = True
-        scaled = torch.where(
-            logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty
-        )
-        logits = torch.where(seen, scaled, logits)
-    if (p.presence_penalty or p.frequency_penalty) and len(output):
-        counts = torch.bincount(output, minlength=vocab).to(logits.dtype)  # [V]
+        seen = history.prompt_seen | (counts > 0)  # [V]
+        r = p.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    if p.presence_penalty or p.frequency_penalty:
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 

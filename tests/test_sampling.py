@@ -65,13 +65,14 @@ def test_adjustments_follow_their_definitions():
         max_tokens=8, min_tokens=4, repetition_penalty=2.0, presence_penalty=0.5,
         frequency_penalty=0.25, logit_bias=((1, 1.5), (5, 0.0)),
     )  # fmt: skip
-    history = History(prompt=[0, 4], output=[3, 3, 2], stop_ids=frozenset({5, 99}))
+    history = History(6, prompt=[0, 4], output=[3, 3, 2], stop_ids=frozenset({5, 99}))
     got = adjust_logits(logits, p, history)
     want = [2.0 / 2, -1.0 + 1.5, 0.5 / 2 - 0.25 - 0.5, 3.0 / 2 - 0.5 - 0.5, -2.0 * 2, -math.inf]
     assert got.tolist() == want
     assert logits[0] == 2.0  # the caller's logits are left alone
-    later = adjust_logits(logits, p, History([0, 4], [3, 3, 2, 1], frozenset({5})))
-    assert later[5] == 0.0  # min_tokens reached: the stop token is back
+    history.add(1)  # a 4th output token: min_tokens reached
+    later = adjust_logits(logits, p, history)
+    assert later[5] == 0.0 and later[1] == (-1.0 + 1.5) / 2 - 0.25 - 0.5  # 1 is out once
     only_bias = SamplingParams(logit_bias=((2, -100.0), (2, 50.0)))  # repeats add up
     assert adjust_logits(logits, only_bias, None).tolist()[2] == 0.5 - 50
 
@@ -81,7 +82,7 @@ def test_adjusted_logits_decide_the_pick_but_not_the_logprob():
     s = sample(LOGITS[None], [SamplingParams(temperature=0, logit_bias=((0, 100.0),))], g)[0]
     assert s.token == 0 and math.isclose(s.logprob, math.log(0.05), rel_tol=1e-5)
     p = SamplingParams(temperature=0, presence_penalty=2.0)
-    s = sample(LOGITS[None], [p], g, [History([1], [1], frozenset())])[0]
+    s = sample(LOGITS[None], [p], g, [History(4, [1], [1])])[0]
     assert s.token == 3  # token 1's 0.5 less 2 falls below token 3's 0.3
 
 
@@ -145,13 +146,15 @@ def test_step_seeds_differ_by_seed_and_step():
     assert all(0 <= x < 2**63 for x in seeds)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_a_resumed_request_continues_with_the_same_tokens(make_checkpoint, temperature):
+@pytest.mark.parametrize("temperature, penalized", [(0.0, False), (1.0, False), (0.0, True)])
+def test_a_resumed_request_continues_with_the_same_tokens(make_checkpoint, temperature, penalized):
     """Failover's promise at the engine: given the prompt, the tokens already sent and the
     seed, another engine continues with exactly the tokens the first would have made."""
     path = make_checkpoint(**CONFIGS["top2of8-shared1"])
     engine = LLMEngine.from_checkpoint(path, num_shards=2)
     p = SamplingParams(max_tokens=12, temperature=temperature, top_k=20, seed=7, ignore_eos=True)
+    if penalized:  # the resumed tokens count as output for the penalties too
+        p = dataclasses.replace(p, repetition_penalty=1.4, frequency_penalty=0.6)
     prompt = [5, 6, 7, 8]
     full = engine.generate([prompt], p)[0].token_ids
     assert len(full) == 12
