@@ -28,6 +28,7 @@ from .model import GatewayModel
 from .multimodal import MultimodalPrompt, build_multimodal_step, multimodal_prompt
 from .sampling import History, SamplingParams, base_seed, sample, step_seed
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
+from .structured import Grammars, Matcher, StructuredOutputError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class _Request:
     mm: MultimodalPrompt | None = None  # a VL prompt's images, 3D positions, vision tokens
     generator: torch.Generator = field(default_factory=torch.Generator)
     history: History | None = None  # for penalties and min_tokens (`history_for_next`)
+    grammar: Matcher | None = None  # a structured answer's state
 
     def history_for_next(self, vocab: int) -> History | None:
         """Where the params need it: the prompt's tokens and the output's counts so far (made
@@ -82,10 +84,12 @@ class _Request:
             self.history = History(vocab, prompt, output, self.stop_ids)
         return self.history
 
-    def appended(self, token: int) -> None:
+    def appended(self, token: int) -> bool:
+        """Append a drawn token; True if it completes a structured answer."""
         self.seq.token_ids.append(token)
         if self.history is not None:
             self.history.add(token)
+        return self.grammar is not None and self.grammar.accept(token) and self.grammar.done
 
     def generator_for_next(self) -> torch.Generator:
         if not self.params.greedy:
@@ -101,8 +105,12 @@ class LLMEngine:
         model_cfg: ModelConfig,
         cfg: EngineConfig = EngineConfig(),
         image_settings: ImageSettings | None = None,
+        grammars: Grammars | None = None,
     ):
+        """grammars: structured output's compiler for the checkpoint's tokenizer (else
+        structured requests are refused)."""
         self.model, self.dispatcher, self.model_cfg, self.cfg = model, dispatcher, model_cfg, cfg
+        self.grammars = grammars
         self.image_settings = image_settings or ImageSettings()  # for images given as PIL
         self.device = torch.device(cfg.device)
         dtype = next(model.parameters()).dtype
@@ -155,7 +163,8 @@ class LLMEngine:
                 for s in range(placement.num_shards)
             ]
         settings = ImageSettings.from_dir(path)
-        return cls(model, LocalDispatcher(placement, shards), model_cfg, cfg, settings)
+        grammars = Grammars(path, model_cfg)
+        return cls(model, LocalDispatcher(placement, shards), model_cfg, cfg, settings, grammars)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -194,9 +203,20 @@ class LLMEngine:
             self.scheduler.add(seq)
         except ValueError as e:
             raise RequestError(str(e)) from e
+        grammar = self._grammar(params, resumed)
         self.requests[request_id] = _Request(
-            seq, params, base_seed(params.seed), frozenset(stop), mm
+            seq, params, base_seed(params.seed), frozenset(stop), mm, grammar=grammar
         )
+
+    def _grammar(self, params: SamplingParams, resumed: list[int]) -> Matcher | None:
+        if params.structured is None:
+            return None
+        if self.grammars is None:
+            raise RequestError("this engine has no tokenizer for structured output")
+        try:
+            return self.grammars.matcher(params.structured, replay=resumed)
+        except StructuredOutputError as e:
+            raise RequestError(str(e)) from e
 
     def _prompt(self, prompt_ids: Seq[int], images) -> tuple[list[int], MultimodalPrompt | None]:
         """Checked token ids, placeholders expanded, and the VL state of the prompt."""
@@ -272,14 +292,15 @@ class LLMEngine:
         reqs = [self.requests[plan[i].seq.seq_id] for i in rows]
         gens = [r.generator_for_next() for r in reqs]
         histories = [r.history_for_next(logits.shape[-1]) for r in reqs]
-        sampled = sample(logits[rows], [r.params for r in reqs], gens, histories)
+        grammars = [r.grammar for r in reqs]
+        sampled = sample(logits[rows], [r.params for r in reqs], gens, histories, grammars)
         routing = self._routing(reqs, last_index, rows)
         events = []
         for req, s, experts in zip(reqs, sampled, routing, strict=True):
             seq = req.seq
-            req.appended(s.token)
+            complete = req.appended(s.token)
             reason = None
-            if s.token in req.stop_ids:
+            if s.token in req.stop_ids or complete:
                 reason = "stop"
             elif seq.num_generated >= seq.max_tokens:
                 reason = "length"

@@ -9,7 +9,7 @@ Log-probabilities are those of the model's own distribution (log-softmax of the 
 before temperature or filtering, as vLLM reports them by default.
 
 The logits a token is drawn from (or the greedy argmax taken of) are adjusted first, in vLLM's
-order: the logit bias is added; while fewer than `min_tokens` tokens are out, the tokens that
+order: a structured request's grammar masks the tokens it forbids; the logit bias is added; while fewer than `min_tokens` tokens are out, the tokens that
 would end the request get -inf; then the penalties. `repetition_penalty` (as in transformers
 and vLLM) divides a positive logit, and multiplies a negative one, of every token seen in the
 prompt or the output; `presence_penalty` is subtracted once from every token in the output so
@@ -45,6 +45,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted from the logit of each token in the output
     frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    structured: str | None = None  # the answer's grammar (`router.structured`): JSON
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -67,6 +68,8 @@ class SamplingParams:
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
         if any(not -100 <= b <= 100 for _, b in self.logit_bias):
             raise ValueError("logit_bias values must be in [-100, 100]")
+        if self.structured is not None and self.min_tokens:
+            raise ValueError("min_tokens cannot hold off the end of a structured answer")
 
     @property
     def greedy(self) -> bool:
@@ -192,16 +195,22 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator],
     histories: list[History | None] | None = None,
+    grammars: list | None = None,
 ) -> list[Sampled]:
     """logits: [B, V] fp32, one row per sequence that samples this step; histories: per row,
-    needed where its params are `penalized`."""
+    needed where its params are `penalized`; grammars: per row, a `structured.Matcher` (or
+    None) whose mask comes first."""
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     tokens = torch.argmax(logits, dim=-1).tolist()  # [B] greedy picks
     out = []
     for b, (p, g) in enumerate(zip(params, generators, strict=True)):
         row = logits[b]  # [V]
+        grammar = grammars[b] if grammars is not None else None
+        if grammar is not None:
+            row = grammar.mask(row)
         if p.adjusts:
             row = adjust_logits(row, p, histories[b] if histories is not None else None)
+        if grammar is not None or p.adjusts:
             tokens[b] = int(torch.argmax(row))
         if not p.greedy:
             row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)

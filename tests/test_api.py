@@ -149,6 +149,39 @@ def test_n_and_seeded_sampling(client, ckpt):
     assert [c.message.content for c in other.choices] != texts
 
 
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"enum": [7, 42]}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema(client, ckpt, stream):
+    """The answer of a random model, in the schema's shape (properties in its order), for
+    every one of n seeded choices; streamed chunks add up to the same text."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    kw = dict(max_tokens=48, temperature=1.0, seed=5, n=3, response_format=fmt)
+    if stream:
+        chunks = [c for c in chat(client, ckpt, MSGS, stream=True, **kw) if c.choices]
+        texts = ["".join(c.choices[0].delta.content or "" for c in chunks
+                         if c.choices[0].index == i) for i in range(3)]  # fmt: skip
+    else:
+        texts = [c.message.content for c in chat(client, ckpt, MSGS, **kw).choices]
+    for text in texts:
+        value = json.loads(text)
+        assert list(value) == ["name", "age"] and value["age"] in (7, 42), text
+        assert isinstance(value["name"], str) and len(value["name"]) <= 6
+    fmt = {"type": "json_object"}
+    r = chat(client, ckpt, MSGS, max_tokens=64, temperature=0, response_format=fmt)
+    assert r.choices[0].message.content.startswith("{")
+    with pytest.raises(openai.BadRequestError) as e:
+        bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+        chat(client, ckpt, MSGS, max_tokens=4, response_format=bad)
+    assert e.value.body["param"] == "response_format"
+
+
 def test_logprobs(client, ckpt):
     _, ids = reference_chat(ckpt, MSGS, 8)
     r = chat(client, ckpt, MSGS, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)

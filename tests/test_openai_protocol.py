@@ -92,8 +92,21 @@ def chat_error(**kw) -> op.APIError:
         ({"min_tokens": 6, "max_tokens": 5}, "min_tokens"),
         ({"min_tokens": 6, "max_completion_tokens": 5}, "min_tokens"),
         ({"stop_token_ids": [1, "2"]}, "stop_token_ids.1"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {}}},
+            "response_format.json_schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
+                }
+            },
+            "response_format",
+        ),
+        ({"response_format": {"type": "json_object"}, "min_tokens": 2}, "min_tokens"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tools": [{"type": "function"}], "tool_choice": "auto"}, "tools"),
         ({"functions": [{"name": "f"}]}, "functions"),

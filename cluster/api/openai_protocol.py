@@ -6,7 +6,7 @@ the Serve app calls these and moves the bytes.
 
 Decisions: fields the engine has no use for are accepted only with their neutral value, so that
 none is silently ignored: completions' `suffix` (empty) and `best_of` (n), chat's
-`response_format` (`text`) and `tools` / `functions` (none, or with `tool_choice` "none");
+`tools` / `functions` (none, or with `tool_choice` "none");
 `echo` is refused, image parts are refused (text models), the `developer`
 role renders as `system` (ERNIE's template knows no other), stop strings must be non-empty.
 Text (message contents, text prompts, stop strings) must be valid Unicode: a lone surrogate
@@ -21,6 +21,8 @@ strings, checked against the vocabulary), and vLLM's `repetition_penalty`, `min_
 `min_tokens` (no stop token, and as in vLLM no stop string ending within them, before that many
 tokens; at most max_tokens, and an unset max_tokens defaults to at least it); the math is in
 `expertmesh.router.sampling`. Logprobs stay those of the model's raw distribution.
+Structured output: chat's `response_format` `json_object` or `json_schema` (its `schema`,
+checked when the request is parsed) constrains the answer (`expertmesh.router.structured`).
 Extensions: vLLM's `top_k`, `ignore_eos` and `stop_token_ids` (ids that end the choice like EOS:
 the text leaves them out, finish_reason "stop"); `return_routed_experts` on requests;
 `routed_experts` per choice ([tokens][moe layers][k], one per counted token, like logprobs) and
@@ -36,6 +38,12 @@ from expertmesh.ernie.tokenizer import chat_prompt_ids as render_chat
 from expertmesh.ernie.tokenizer import encode_text
 from expertmesh.router.events import ErrorKind, TokenEvent
 from expertmesh.router.sampling import SamplingParams
+from expertmesh.router.structured import (
+    JSON_OBJECT,
+    StructuredOutputError,
+    check_spec,
+    schema_spec,
+)
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -354,7 +362,9 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
         None, description="also the most likely tokens at each step; needs logprobs"
     )
-    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
+    response_format: dict[str, Any] | None = Field(
+        None, description="{'type': 'text' | 'json_object' | 'json_schema', 'json_schema': ...}"
+    )
     tools: list[Any] | None = Field(None, description="not supported: none, or tool_choice none")
     functions: list[Any] | None = Field(None, description="not supported: as tools")
     tool_choice: Any = Field(None, description="only 'none' where tools are given")
@@ -365,10 +375,8 @@ class ChatCompletionRequest(_Sampling):
             raise FieldError("messages", "must hold at least one message")
         if self.top_logprobs and not self.logprobs:
             raise FieldError("top_logprobs", "needs logprobs to be true")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise FieldError(
-                "response_format", "only {'type': 'text'} is supported (no structured output)"
-            )
+        if self.structured_spec is not None and self.min_tokens:
+            raise FieldError("min_tokens", "cannot be combined with a JSON response_format")
         for name in ("tools", "functions"):
             if getattr(self, name) and self.tool_choice != "none":
                 raise FieldError(
@@ -376,9 +384,43 @@ class ChatCompletionRequest(_Sampling):
                 )
         return self
 
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        if v is None:
+            return v
+        kind = v.get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type must be 'text', 'json_object' or 'json_schema', not {kind!r}")
+        if kind == "json_schema":
+            inner = v.get("json_schema")
+            if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict):
+                raise FieldError("json_schema", "needs {'name': ..., 'schema': {...}}")
+        spec = _structured_spec(v)
+        if spec is not None:
+            try:
+                check_spec(spec)
+            except StructuredOutputError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @property
+    def structured_spec(self) -> str | None:
+        """The grammar spec of `response_format` (`router.structured`), None for text."""
+        return _structured_spec(self.response_format)
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+def _structured_spec(response_format: dict | None) -> str | None:
+    kind = (response_format or {}).get("type", "text")
+    if kind == "json_object":
+        return JSON_OBJECT
+    if kind == "json_schema":
+        return schema_spec(response_format["json_schema"]["schema"])
+    return None
 
 
 class CompletionRequest(_Sampling):
@@ -597,6 +639,7 @@ def sampling_params(
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=tuple((int(t), b) for t, b in (req.logit_bias or {}).items()),
+        structured=req.structured_spec if isinstance(req, ChatCompletionRequest) else None,
     )
 
 

@@ -30,6 +30,7 @@ from expertmesh.router.loop import EngineLoop
 from expertmesh.router.model import GatewayModel
 from expertmesh.router.rebalance import Rebalancer
 from expertmesh.router.sampling import SamplingParams
+from expertmesh.router.structured import Grammars, StructuredOutputError
 from expertmesh.workers.placement import ExpertPlacement
 
 from ..config import ClusterConfig
@@ -71,7 +72,8 @@ class Gateway:
             model = GatewayModel.load(reader, self.model_cfg, dtype, self.device)
         dispatcher = self.link.connect(self.model_cfg, dtype, self.device)
         images = ImageSettings.from_dir(cfg.model)
-        engine = LLMEngine(model, dispatcher, self.model_cfg, engine_cfg, images)
+        grammars = Grammars(cfg.model, self.model_cfg)
+        engine = LLMEngine(model, dispatcher, self.model_cfg, engine_cfg, images, grammars)
         self.rebalancer = Rebalancer(
             dispatcher,
             self.link.hold,
@@ -104,6 +106,11 @@ class Gateway:
         refusal = await self._refusal(request_id)
         if refusal is not None:
             return refusal
+        if params.structured is not None:  # compiled here, off the engine loop (then cached)
+            try:
+                await asyncio.to_thread(self.loop.engine.grammars.compile, params.structured)
+            except StructuredOutputError as e:
+                return error_event(request_id, ErrorKind.INVALID, str(e))
         ch = self._channel(channel_id)
         ch.rids.add(request_id)
         self._taken += 1
