@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,9 +47,34 @@ def alive(pids: set[int]) -> set[int]:
     return left
 
 
+RAY_WORKER_PORTS_END = 19999  # Ray's workers listen on 10002-19999 by default
+
+
+def listen_port() -> int:
+    """A free port below the kernel's ephemeral range and above Ray's worker ports: a port that
+    `free_port` picks from the ephemeral range can be taken, between the choice and the HTTP
+    proxy's bind, by any of the new server's outgoing connections or port-0 listeners (it
+    happened once: "Failed to bind to address")."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    if low <= RAY_WORKER_PORTS_END + 1000:
+        return free_port()
+    for _ in range(100):
+        port = random.randrange(RAY_WORKER_PORTS_END + 1, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 class Server:
     def __init__(self, *args: str, log_path: Path, timeout_s: float = 300):
-        self.port = free_port()
+        self.port = listen_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         self.log = open(log_path, "w")

@@ -17,7 +17,6 @@ import time
 import pytest
 import torch
 from conftest import CONFIGS, prompts_of
-from expertmesh.cluster.runtime.resources import free_port
 from expertmesh.ernie.checkpoint import CheckpointReader
 from expertmesh.ernie.config import ModelConfig
 from expertmesh.router.collective_dispatch import CollectiveDispatcher
@@ -28,6 +27,7 @@ from expertmesh.router.sampling import SamplingParams
 from expertmesh.workers.collective import CollectiveWorker
 from expertmesh.workers.experts import ExpertShard
 from expertmesh.workers.placement import ExpertPlacement
+from serving import listen_port
 from test_parity import TOL, ref_logits
 
 ADDR = "127.0.0.1"
@@ -92,7 +92,7 @@ class Workers:
         return {w for w, p in enumerate(self.procs) if not p.is_alive()}
 
     def connect(self, dispatcher_cls=CollectiveDispatcher, **kw) -> CollectiveDispatcher:
-        port = free_port()
+        port = listen_port()
         for c in self.controls:
             c.put(port)
         placement = ExpertPlacement.contiguous(
@@ -119,7 +119,7 @@ class Workers:
                 self.procs[w].join(2.0)  # a worker named but still alive is not restarted
                 if not self.procs[w].is_alive():
                     self.start(w)
-            port = free_port()
+            port = listen_port()
             for c in self.controls:
                 c.put(port)
             dispatcher.rebuild(port)

@@ -21,7 +21,7 @@ from expertmesh.cluster.cli import local_cluster
 from expertmesh.cluster.cli.args import parse
 from expertmesh.cluster.cli.local_cluster import LocalClusterArgs
 from expertmesh.cluster.cli.main import build_parser, on_loopback
-from serving import alive, descendants
+from serving import alive, descendants, listen_port
 
 CLI = [sys.executable, "-m", "expertmesh.cluster.cli"]
 
@@ -142,9 +142,7 @@ def stop(proc: subprocess.Popen, family: set[int], timeout_s: float = 90) -> set
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_serve_and_bench_across_two_nodes(tmp_path):
-    from expertmesh.cluster.runtime.resources import free_port
-
-    port = free_port()
+    port = listen_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the same in every process that joins
     serve = [*CLI, "serve", "--address", "auto", "--strategy", "SPREAD", "--transport", "grpc"]
