@@ -97,15 +97,6 @@ def chat_error(**kw) -> op.APIError:
             {"response_format": {"type": "json_schema", "json_schema": {}}},
             "response_format.json_schema",
         ),
-        (
-            {
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
-                }
-            },
-            "response_format",
-        ),
         ({"response_format": {"type": "json_object"}, "min_tokens": 2}, "min_tokens"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tools": [{"type": "function"}], "tool_choice": "auto"}, "tools"),
@@ -165,6 +156,17 @@ def test_penalties_bias_and_min_p_reach_the_engine():
     with pytest.raises(op.APIError) as e:
         op.check_logit_bias(op.parse_chat_request(chat(logit_bias={"3": 1, "999": 1})), 999)
     assert e.value.status == 400 and e.value.param == "logit_bias" and "[999]" in e.value.message
+
+
+def test_an_unusable_json_schema_is_a_400():
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    req = op.parse_chat_request(chat(response_format=fmt))  # the shape is fine
+    with pytest.raises(op.APIError) as e:
+        op.check_structured(req)
+    assert e.value.status == 400 and e.value.param == "response_format"
+    good = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer"}}}
+    op.check_structured(op.parse_chat_request(chat(response_format=good)))
+    op.check_structured(op.parse_chat_request(chat(response_format={"type": "json_object"})))
 
 
 def test_admission_counts_the_tokens_min_tokens_forces():

@@ -276,6 +276,7 @@ class Ingress:
         req = op.parse_chat_request(body, images=self.model_cfg.is_vl)
         self._check_model(req.model)
         op.check_logit_bias(req, self.model_cfg.vocab_size)
+        await asyncio.to_thread(op.check_structured, req)
         images = await self.images.load(req)  # VL: checked and preprocessed, before tokenizing
         prompt = await asyncio.to_thread(op.chat_prompt_ids, req, self.tokenizer)
         expanded = self.images.expanded(prompt, images)  # what the engine computes and counts

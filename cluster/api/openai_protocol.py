@@ -22,7 +22,7 @@ strings, checked against the vocabulary), and vLLM's `repetition_penalty`, `min_
 tokens; at most max_tokens, and an unset max_tokens defaults to at least it); the math is in
 `expertmesh.router.sampling`. Logprobs stay those of the model's raw distribution.
 Structured output: chat's `response_format` `json_object` or `json_schema` (its `schema`,
-checked when the request is parsed) constrains the answer (`expertmesh.router.structured`).
+checked by `check_structured`, off the event loop) constrains the answer (`expertmesh.router.structured`).
 Extensions: vLLM's `top_k`, `ignore_eos` and `stop_token_ids` (ids that end the choice like EOS:
 the text leaves them out, finish_reason "stop"); `return_routed_experts` on requests;
 `routed_experts` per choice ([tokens][moe layers][k], one per counted token, like logprobs) and
@@ -396,13 +396,7 @@ class ChatCompletionRequest(_Sampling):
             inner = v.get("json_schema")
             if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict):
                 raise FieldError("json_schema", "needs {'name': ..., 'schema': {...}}")
-        spec = _structured_spec(v)
-        if spec is not None:
-            try:
-                check_spec(spec)
-            except StructuredOutputError as e:
-                raise ValueError(str(e)) from None
-        return v
+        return v  # the schema itself: `check_structured` (it takes a while: off the event loop)
 
     @property
     def structured_spec(self) -> str | None:
@@ -560,6 +554,18 @@ def _encode_prompt(tokenizer, text: str, param: str) -> list[int]:
         return encode_text(tokenizer, text)
     except Exception as e:  # text the tokenizer cannot encode is the request's fault
         raise bad_request(f"{param}: the text cannot be tokenized: {e}", param) from e
+
+
+def check_structured(req) -> None:
+    """APIError 400 if a chat request's JSON schema has no grammar (tens of ms for a big one:
+    call it off the event loop)."""
+    spec = req.structured_spec if isinstance(req, ChatCompletionRequest) else None
+    if spec is None:
+        return
+    try:
+        check_spec(spec)
+    except StructuredOutputError as e:
+        raise bad_request(f"response_format: {e}", "response_format") from None
 
 
 def check_logit_bias(req, vocab_size: int) -> None:
