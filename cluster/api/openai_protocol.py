@@ -22,7 +22,8 @@ strings, checked against the vocabulary), and vLLM's `repetition_penalty`, `min_
 tokens; at most max_tokens, and an unset max_tokens defaults to at least it); the math is in
 `expertmesh.router.sampling`. Logprobs stay those of the model's raw distribution.
 Structured output: chat's `response_format` `json_object` or `json_schema` (its `schema`,
-checked by `check_structured`, off the event loop) constrains the answer (`expertmesh.router.structured`).
+checked by `check_structured`, off the event loop) constrains the answer
+(`expertmesh.router.structured`).
 Extensions: vLLM's `top_k`, `ignore_eos` and `stop_token_ids` (ids that end the choice like EOS:
 the text leaves them out, finish_reason "stop"); `return_routed_experts` on requests;
 `routed_experts` per choice ([tokens][moe layers][k], one per counted token, like logprobs) and
