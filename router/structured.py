@@ -16,6 +16,7 @@ compiles before a request reaches the engine loop. xgrammar is an optional depen
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,11 @@ JSON_OBJECT = "json_object"  # the spec of OpenAI's json_object: any JSON object
 
 class StructuredOutputError(ValueError):
     """A spec that cannot be compiled (an invalid or unsupported schema), or no xgrammar."""
+
+
+def _reason(e: Exception) -> str:
+    """xgrammar's message without its log prefix ("[12:00:00] /path/file.cc:123: ")."""
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip())
 
 
 def _xgrammar():
@@ -55,7 +61,7 @@ def check_spec(spec: str) -> None:
     try:
         xgr.Grammar.from_json_schema(spec, any_whitespace=False)
     except Exception as e:  # xgrammar raises RuntimeError / ValueError with its reason
-        raise StructuredOutputError(f"unsupported JSON schema: {e}") from None
+        raise StructuredOutputError(f"unsupported JSON schema: {_reason(e)}") from None
 
 
 class Matcher:
@@ -118,7 +124,7 @@ class Grammars:
                 return compiler.compile_builtin_json_grammar()
             return compiler.compile_json_schema(spec, any_whitespace=False)
         except Exception as e:
-            raise StructuredOutputError(f"unsupported JSON schema: {e}") from None
+            raise StructuredOutputError(f"unsupported JSON schema: {_reason(e)}") from None
 
     def matcher(self, spec: str, replay: Sequence[int] = ()) -> Matcher:
         """A fresh matcher for `spec`, advanced by `replay` (a resumed request's tokens)."""

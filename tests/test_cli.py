@@ -114,6 +114,23 @@ def test_generate_errors(make_checkpoint, tmp_path):
     assert r.returncode == 2 and "--temperature" in r.stderr
 
 
+def test_generate_with_a_json_schema_and_penalties(capsys, make_checkpoint):
+    """--json-schema constrains the answer; the penalties reach the sampler; a bad schema is a
+    one-line error."""
+    path = make_checkpoint(**CONFIGS["top2of8-shared1"])
+    schema = '{"type": "object", "properties": {"a": {"enum": ["yes", "no"]}}, "required": ["a"]}'
+    base = ["generate", "--model", path, "--prompt-ids", "5,6,7", "--max-tokens", 40, "--json"]
+    code, out, _ = run_main(capsys, *base, "--json-schema", schema, "--temperature", 1, "--seed", 2)
+    assert code == 0 and json.loads(json.loads(out)["text"])["a"] in ("yes", "no")
+    _, plain, _ = run_main(capsys, *base[:-3], "--max-tokens", 12, "--json")
+    _, penalized, _ = run_main(
+        capsys, *base[:-3], "--max-tokens", 12, "--json", "--repetition-penalty", "0.5"
+    )
+    assert json.loads(plain)["token_ids"] != json.loads(penalized)["token_ids"]
+    code, _, _ = run_main(capsys, *base, "--json-schema", '{"type": "nonsense"}')
+    assert str(code).endswith('--json-schema: unsupported JSON schema: Unsupported type "nonsense"')
+
+
 def run_main(capsys, *args) -> tuple[int, str, str]:
     """`expertmesh ARGS` in this process: (exit status, stdout, stderr)."""
     try:

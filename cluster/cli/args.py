@@ -112,6 +112,19 @@ class GenerateArgs(EngineArgs):
         None, ge=0, description="also report the K most likely tokens per step"
     )
     ignore_eos: bool = Field(False, description="do not stop at the model's EOS tokens")
+    min_p: float = Field(
+        0.0, ge=0, le=1, description="drop tokens less likely than min_p x the top"
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="> 1 discourages the prompt's and the output's tokens"
+    )
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="less for output tokens seen")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="less per occurrence so far")
+    json_schema: str | None = Field(
+        None,
+        description="the answer follows this JSON schema (JSON text), or is any JSON object "
+        "('object')",
+    )
     images: list[str] = Field(
         [],
         description="an image file (VL models) for the prompt's next image placeholder, "

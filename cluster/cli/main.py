@@ -129,8 +129,26 @@ def cmd_generate(a: GenerateArgs) -> int:
     from expertmesh.ernie.tokenizer import load_tokenizer
     from expertmesh.router.engine import RequestError
     from expertmesh.router.sampling import SamplingParams
+    from expertmesh.router.structured import (
+        JSON_OBJECT,
+        StructuredOutputError,
+        check_spec,
+        schema_spec,
+    )
 
     from .engine_factory import open_engine
+
+    def structured_spec(text: str | None) -> str | None:
+        if text is None:
+            return None
+        if text == "object":
+            return JSON_OBJECT
+        try:
+            spec = schema_spec(json.loads(text))
+            check_spec(spec)
+        except (ValueError, StructuredOutputError) as e:
+            raise SystemExit(f"expertmesh generate: --json-schema: {e}") from None
+        return spec
 
     path = checked_model(a.model)
     tokenizer = load_tokenizer(path)
@@ -144,6 +162,11 @@ def cmd_generate(a: GenerateArgs) -> int:
         seed=a.seed,
         logprobs=a.logprobs,
         ignore_eos=a.ignore_eos,
+        min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty,
+        presence_penalty=a.presence_penalty,
+        frequency_penalty=a.frequency_penalty,
+        structured=structured_spec(a.json_schema),
     )
     with open_engine(a.cluster_config(path)) as engine:
         try:
