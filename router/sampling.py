@@ -9,12 +9,13 @@ Log-probabilities are those of the model's own distribution (log-softmax of the 
 before temperature or filtering, as vLLM reports them by default.
 
 The logits a token is drawn from (or the greedy argmax taken of) are adjusted first, in vLLM's
-order: a structured request's grammar masks the tokens it forbids; the logit bias is added; while fewer than `min_tokens` tokens are out, the tokens that
-would end the request get -inf; then the penalties. `repetition_penalty` (as in transformers
-and vLLM) divides a positive logit, and multiplies a negative one, of every token seen in the
-prompt or the output; `presence_penalty` is subtracted once from every token in the output so
-far, `frequency_penalty` once per occurrence (OpenAI's definition). Then temperature, and the
-filters: top-k, top-p, and min-p (drop tokens less likely than min_p times the likeliest).
+order: a structured request's grammar masks the tokens it forbids; the logit bias is added;
+while fewer than `min_tokens` tokens are out, the tokens that would end the request get -inf;
+then the penalties. `repetition_penalty` (as in transformers and vLLM) divides a positive
+logit, and multiplies a negative one, of every token seen in the prompt or the output;
+`presence_penalty` is subtracted once from every token in the output so far,
+`frequency_penalty` once per occurrence (OpenAI's definition). Then temperature, and the
+filters: min-p (drop tokens less likely than min_p times the likeliest), top-k, top-p.
 """
 
 from __future__ import annotations
