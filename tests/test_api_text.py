@@ -348,3 +348,54 @@ def test_logit_bias_outside_the_vocabulary_is_a_400(client):
     assert err["param"] == "logit_bias" and "[10000000]" in err["message"]
     r = client.completions.create(model=MODEL, prompt="x", max_tokens=2, logit_bias={"5": 1})
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# -- return_token_ids (vLLM's extension) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_token_ids_are_the_answer_and_the_prompt(client, tok, stream):
+    """One id per counted token (EOS included, as usage counts it); they decode to the text;
+    `prompt_token_ids` is the rendered conversation, on the response (the first chunk)."""
+    kw = dict(model=MODEL, messages=MSGS, max_tokens=40, seed=4, n=2)
+    kw["extra_body"] = {"return_token_ids": True}
+    if stream:
+        chunks = list(
+            client.chat.completions.create(
+                **kw, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        prompt_ids = chunks[0].prompt_token_ids
+        assert all(getattr(c, "prompt_token_ids", None) is None for c in chunks[1:])
+        body = [c for c in chunks if c.choices]
+        ids = {i: [] for i in range(2)}
+        text = {i: "" for i in range(2)}
+        for c in body:
+            ch = c.choices[0]
+            ids[ch.index] += getattr(ch, "token_ids", None) or []
+            text[ch.index] += ch.delta.content or ""
+        usage = chunks[-1].usage
+    else:
+        r = client.chat.completions.create(**kw)
+        prompt_ids, usage = r.prompt_token_ids, r.usage
+        ids = {c.index: c.token_ids for c in r.choices}
+        text = {c.index: c.message.content for c in r.choices}
+    assert prompt_ids == chat_prompt_ids(tok, MSGS) and usage.prompt_tokens == len(prompt_ids)
+    assert sum(len(v) for v in ids.values()) == usage.completion_tokens
+    for i in range(2):
+        assert tok.decode(ids[i], skip_special_tokens=True) == text[i]
+
+
+def test_completion_token_ids_per_prompt(client, tok):
+    r = client.completions.create(
+        model=MODEL,
+        prompt=["x", "yz"],
+        max_tokens=12,
+        seed=5,
+        extra_body={"return_token_ids": True},
+    )
+    for c in r.choices:
+        assert c.prompt_token_ids == encode_text(tok, ["x", "yz"][c.index])
+        assert tok.decode(c.token_ids, skip_special_tokens=True) == c.text
+    plain = client.completions.create(model=MODEL, prompt="x", max_tokens=4, seed=5)
+    assert getattr(plain.choices[0], "token_ids", None) is None  # only when asked

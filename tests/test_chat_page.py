@@ -185,7 +185,7 @@ def test_page_is_served_without_a_key_and_finds_the_model_card(server, browser):
         assert r.status_code == 200 and r.headers["content-type"].startswith(kind)
     assert httpx.get(server.url + "/static/..%2Fingress.py", timeout=30).status_code == 404
     card = server.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]
-    assert card["capabilities"] == {"vision": False, "routed_experts": True}
+    assert card["capabilities"] == {"vision": False, "routed_experts": True, "chat": True}
     assert (card["num_experts"], card["top_k"], card["moe_layers"]) == (16, 2, [1, 2, 3, 4, 5])
 
     context, page = _open(browser, server)

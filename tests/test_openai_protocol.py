@@ -695,3 +695,34 @@ def test_param_counts_match_the_checkpoint(make_checkpoint, kw):
 def test_sse():
     assert resp.sse({"a": "é"}) == 'data: {"a":"é"}\n\n'
     assert resp.SSE_DONE == "data: [DONE]\n\n"
+
+
+def test_without_a_tokenizer_only_token_id_completions(cfg):
+    """No tokenizer: chat, text prompts and stop strings are 400s naming their field; a
+    token-id completion streams its ids with no text, each token released as it comes."""
+    cases = [
+        (op.parse_chat_request({"messages": [{"role": "user", "content": "hi"}]}), "messages"),
+        (op.parse_completion_request({"prompt": "hi"}), "prompt"),
+        (op.parse_completion_request({"prompt": ["hi", "there"]}), "prompt"),
+        (op.parse_completion_request({"prompt": [1, 2], "stop": ["x"]}), "stop"),
+    ]
+    for req, param in cases:
+        with pytest.raises(op.APIError) as e:
+            op.check_without_tokenizer(req, "m")
+        assert e.value.status == 400 and e.value.param == param
+    req = op.parse_completion_request({"prompt": [[1, 2]], "return_token_ids": True, "logprobs": 0})
+    op.check_without_tokenizer(req, "m")
+    s = op.text_stream(req, None, stop_token_ids=[2])
+    h = resp.completion_header("m")
+    first = resp.completion_chunk(h, req, 0, s.push(7, -0.5), None, prompt_ids=[1, 2])
+    assert {k: v for k, v in first["choices"][0].items() if k != "logprobs"} == {
+        "index": 0,
+        "text": "",
+        "finish_reason": None,
+        "prompt_token_ids": [1, 2],
+        "token_ids": [7],
+    }
+    assert first["choices"][0]["logprobs"]["tokens"] == ["token_id:7"]
+    s.push(2, -1.0)  # EOS: counted, no text
+    choice = resp.completion_choice(req, 0, s, "stop", None, [1, 2])
+    assert choice["token_ids"] == [7, 2] and choice["text"] == "" and s.num_tokens == 2

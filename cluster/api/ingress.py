@@ -45,8 +45,8 @@ class Ingress:
         self.model_name = model_name
         self.names = {model_name, model_path, Path(model_path).name, ""}
         self.tokenizer = load_tokenizer(model_path)
-        if self.tokenizer is None:
-            raise ValueError(f"{model_path} has no tokenizer; the HTTP API needs one")
+        if self.tokenizer is None:  # served on token ids alone (see openai_protocol)
+            log.warning("%s has no tokenizer: completions of token-id prompts only", model_path)
         self.model_cfg = ModelConfig.from_dir(model_path)
         self.images = RequestImages(self.args, model_path, self.model_cfg)
         self.max_model_len: int | None = None
@@ -226,7 +226,11 @@ class Ingress:
             "owned_by": "expertmesh",
             "max_model_len": ctx,
             # what the chat page (and any client) can ask of this model
-            "capabilities": {"vision": self.model_cfg.is_vl, "routed_experts": True},
+            "capabilities": {
+                "vision": self.model_cfg.is_vl,
+                "routed_experts": True,
+                "chat": self.tokenizer is not None,  # no tokenizer: token-id completions only
+            },
             "num_experts": self.model_cfg.num_experts,
             "top_k": self.model_cfg.top_k,
             "moe_layers": list(self.model_cfg.moe_layers),  # layer indices, in routed_experts order
@@ -275,6 +279,8 @@ class Ingress:
         body = await json_body(request, self.args.max_body_bytes)
         req = op.parse_chat_request(body, images=self.model_cfg.is_vl)
         self._check_model(req.model)
+        if self.tokenizer is None:
+            op.check_without_tokenizer(req, self.model_name)
         op.check_logit_bias(req, self.model_cfg.vocab_size)
         await asyncio.to_thread(op.check_structured, req)
         images = await self.images.load(req)  # VL: checked and preprocessed, before tokenizing
@@ -293,7 +299,7 @@ class Ingress:
         await self._start(choices)
         header = resp.chat_header(self.model_name)
         if req.stream:
-            chunks = self._chat_chunks(req, header, choices, len(prompt))
+            chunks = self._chat_chunks(req, header, choices, prompt)
             return self._sse("chat", chunks, choices, len(prompt), t0)
         try:
             reasons = [await c.run_to_end() for c in choices]
@@ -304,11 +310,12 @@ class Ingress:
             resp.chat_choice(req, c.index, c.stream, r, self.tokenizer)
             for c, r in zip(choices, reasons)
         ]
-        return resp.chat_completion(header, out, self._usage(len(prompt), choices))
+        return resp.chat_completion(header, out, self._usage(len(prompt), choices), req, prompt)
 
-    async def _chat_chunks(self, req, header, choices: list[Choice], prompt_tokens: int):
+    async def _chat_chunks(self, req, header, choices: list[Choice], prompt: list[int]):
+        prompt_tokens = len(prompt)
         for c in choices:
-            yield resp.chat_role_chunk(header, c.index)
+            yield resp.chat_role_chunk(header, c.index, req, prompt if c is choices[0] else None)
         async for c, delta, reason in merged(choices):
             chunk = resp.chat_delta_chunk(header, req, c.index, delta, self.tokenizer)
             if chunk is not None:
@@ -323,6 +330,9 @@ class Ingress:
     async def _completions(self, request: Request, t0: float):
         req = op.parse_completion_request(await json_body(request, self.args.max_body_bytes))
         self._check_model(req.model)
+        if self.tokenizer is None:
+            op.check_without_tokenizer(req, self.model_name)
+            req.return_token_ids = True  # the answer has no text: its ids are the answer
         op.check_logit_bias(req, self.model_cfg.vocab_size)
         self.admission.check_choices(num_prompts(req.prompt), req.n)  # before tokenizing them all
         prompts = await asyncio.to_thread(op.completion_prompts, req, self.tokenizer)
@@ -338,8 +348,9 @@ class Ingress:
         await self._start(choices)
         prompt_tokens = sum(len(p) for p in prompts)
         header = resp.completion_header(self.model_name)
+        prompt_of = {c.index: prompts[c.index // (req.n or 1)] for c in choices}
         if req.stream:
-            chunks = self._completion_chunks(req, header, choices, prompt_tokens)
+            chunks = self._completion_chunks(req, header, choices, prompt_tokens, prompt_of)
             return self._sse("completions", chunks, choices, prompt_tokens, t0)
         try:
             reasons = [await c.run_to_end() for c in choices]
@@ -347,15 +358,21 @@ class Ingress:
             self._end(choices)
             self._observe("completions", 200, t0, choices, prompt_tokens)
         out = [
-            resp.completion_choice(req, c.index, c.stream, r, self.tokenizer)
+            resp.completion_choice(req, c.index, c.stream, r, self.tokenizer, prompt_of[c.index])
             for c, r in zip(choices, reasons)
         ]
         return resp.completion_response(header, out, self._usage(prompt_tokens, choices))
 
-    async def _completion_chunks(self, req, header, choices: list[Choice], prompt_tokens: int):
+    async def _completion_chunks(
+        self, req, header, choices: list[Choice], prompt_tokens: int, prompt_of: dict
+    ):
         async for c, delta, reason in merged(choices):
-            chunk = resp.completion_chunk(header, req, c.index, delta, self.tokenizer, reason)
+            prompt = prompt_of.get(c.index)  # the choice's first chunk carries it
+            chunk = resp.completion_chunk(
+                header, req, c.index, delta, self.tokenizer, reason, prompt
+            )
             if chunk is not None:
+                prompt_of.pop(c.index, None)
                 yield chunk
         if req.include_usage:
             yield resp.completion_usage_chunk(header, self._usage(prompt_tokens, choices))

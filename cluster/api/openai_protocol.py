@@ -25,9 +25,14 @@ Structured output: chat's `response_format` `json_object` or `json_schema` (its 
 checked by `check_structured`, off the event loop) constrains the answer
 (`expertmesh.router.structured`).
 Extensions: vLLM's `top_k`, `ignore_eos` and `stop_token_ids` (ids that end the choice like EOS:
-the text leaves them out, finish_reason "stop"); `return_routed_experts` on requests;
+the text leaves them out, finish_reason "stop"); vLLM's `return_token_ids` (`token_ids` per
+choice, one per counted token; `prompt_token_ids`: per choice for completions, on the response
+for chat; in a stream, on the first chunk); `return_routed_experts` on requests;
 `routed_experts` per choice ([tokens][moe layers][k], one per counted token, like logprobs) and
 `active_params_per_token` / `flops` in `usage`.
+A checkpoint without a tokenizer is served on token ids alone (`check_without_tokenizer`):
+completions whose prompts are token ids, answered with `token_ids` and an empty text; chat,
+text prompts and stop strings are a 400.
 """
 
 from __future__ import annotations
@@ -231,6 +236,11 @@ class _Sampling(_Strict):
     )
     min_tokens: Annotated[int, Field(ge=0)] | None = Field(
         0, description="extension (as vLLM): no stop token or stop string before this many"
+    )
+    return_token_ids: bool | None = Field(
+        False,
+        description="extension (as vLLM): the answer carries its token ids (`token_ids`, per "
+        "chunk when streaming) and the prompt's (`prompt_token_ids`, in the first chunk)",
     )
 
     @field_validator("stop", mode="before")
@@ -555,6 +565,22 @@ def _encode_prompt(tokenizer, text: str, param: str) -> list[int]:
         return encode_text(tokenizer, text)
     except Exception as e:  # text the tokenizer cannot encode is the request's fault
         raise bad_request(f"{param}: the text cannot be tokenized: {e}", param) from e
+
+
+def check_without_tokenizer(req, model: str) -> None:
+    """APIError 400 for what a checkpoint without a tokenizer cannot serve: chat (no chat
+    template), text prompts and stop strings (no text to encode or to search)."""
+    why = f"the model {model!r} has no tokenizer"
+    if isinstance(req, ChatCompletionRequest):
+        raise bad_request(
+            f"{why}, hence no chat template: send token ids as the prompt of /v1/completions",
+            "messages",
+        )
+    p = req.prompt
+    if isinstance(p, str) or any(isinstance(x, str) for x in p):
+        raise bad_request(f"{why}: the prompt must be token ids", "prompt")
+    if req.stop_list:
+        raise bad_request(f"{why}: stop strings cannot be matched; use stop_token_ids", "stop")
 
 
 def check_structured(req) -> None:

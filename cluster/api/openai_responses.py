@@ -97,10 +97,23 @@ def completion_logprobs(tokens: list[TokenInfo], tokenizer) -> dict:
     }
 
 
-def _with_experts(choice: dict, req, tokens: list[TokenInfo]) -> dict:
+def _extensions(
+    choice: dict, req, tokens: list[TokenInfo], prompt_ids: list[int] | None = None
+) -> dict:
+    """The asked-for extensions of a choice: its tokens' ids (and the prompt's, where given:
+    completions), their routed experts."""
+    if req.return_token_ids:
+        if prompt_ids is not None:
+            choice["prompt_token_ids"] = list(prompt_ids)
+        choice["token_ids"] = [t.token_id for t in tokens]
     if req.return_routed_experts:
         choice["routed_experts"] = [t.routed_experts for t in tokens]
     return choice
+
+
+def _prompt_ids(req, prompt_ids: list[int] | None) -> dict:
+    """Chat puts `prompt_token_ids` on the response (the first chunk when streaming)."""
+    return {"prompt_token_ids": list(prompt_ids)} if req.return_token_ids and prompt_ids else {}
 
 
 def chat_choice(req, index: int, stream: TextStream, reason: str | None, tokenizer) -> dict:
@@ -108,21 +121,28 @@ def chat_choice(req, index: int, stream: TextStream, reason: str | None, tokeniz
     logprobs = chat_logprobs(stream.tokens, tokenizer) if req.logprobs else None
     message = {"role": "assistant", "content": stream.text}
     choice = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
-    return _with_experts(choice, req, stream.tokens)
+    return _extensions(choice, req, stream.tokens)
 
 
-def chat_completion(header: Header, choices: list[dict], usage: dict) -> dict:
-    return header.obj("chat.completion", choices=choices, usage=usage)
+def chat_completion(
+    header: Header, choices: list[dict], usage: dict, req=None, prompt_ids: list[int] | None = None
+) -> dict:
+    extra = _prompt_ids(req, prompt_ids) if req is not None else {}
+    return header.obj("chat.completion", choices=choices, usage=usage, **extra)
 
 
 def _chat_chunk(header: Header, choices: list[dict], **fields) -> dict:
     return header.obj("chat.completion.chunk", choices=choices, **fields)
 
 
-def chat_role_chunk(header: Header, index: int) -> dict:
-    """The first chunk of each choice."""
+def chat_role_chunk(header: Header, index: int, req=None, prompt_ids: list[int] | None = None):
+    """The first chunk of each choice; the stream's very first one carries `prompt_ids`."""
     delta = {"role": "assistant", "content": ""}
-    return _chat_chunk(header, [{"index": index, "delta": delta, "logprobs": None}])
+    choice = {"index": index, "delta": delta, "logprobs": None}
+    if req is not None and req.return_token_ids:
+        choice["token_ids"] = []
+    extra = _prompt_ids(req, prompt_ids) if req is not None else {}
+    return _chat_chunk(header, [choice], **extra)
 
 
 def chat_delta_chunk(header: Header, req, index: int, delta: Delta, tokenizer) -> dict | None:
@@ -131,7 +151,7 @@ def chat_delta_chunk(header: Header, req, index: int, delta: Delta, tokenizer) -
         return None
     logprobs = chat_logprobs(delta.tokens, tokenizer) if req.logprobs else None
     choice = {"index": index, "delta": {"content": delta.text}, "logprobs": logprobs}
-    return _chat_chunk(header, [_with_experts(choice, req, delta.tokens)])
+    return _chat_chunk(header, [_extensions(choice, req, delta.tokens)])
 
 
 def chat_finish_chunk(header: Header, index: int, reason: str | None) -> dict:
@@ -144,10 +164,17 @@ def chat_usage_chunk(header: Header, usage: dict) -> dict:
     return _chat_chunk(header, [], usage=usage)
 
 
-def completion_choice(req, index: int, stream: TextStream, reason: str | None, tokenizer) -> dict:
+def completion_choice(
+    req,
+    index: int,
+    stream: TextStream,
+    reason: str | None,
+    tokenizer,
+    prompt_ids: list[int] | None = None,
+) -> dict:
     logprobs = None if req.logprobs is None else completion_logprobs(stream.tokens, tokenizer)
     choice = {"index": index, "text": stream.text, "logprobs": logprobs, "finish_reason": reason}
-    return _with_experts(choice, req, stream.tokens)
+    return _extensions(choice, req, stream.tokens, prompt_ids)
 
 
 def completion_response(header: Header, choices: list[dict], usage: dict) -> dict:
@@ -155,14 +182,22 @@ def completion_response(header: Header, choices: list[dict], usage: dict) -> dic
 
 
 def completion_chunk(
-    header: Header, req, index: int, delta: Delta, tokenizer, reason: str | None = None
+    header: Header,
+    req,
+    index: int,
+    delta: Delta,
+    tokenizer,
+    reason: str | None = None,
+    prompt_ids: list[int] | None = None,
 ) -> dict | None:
-    """A streamed piece of one choice; None when there is neither text nor a finish_reason."""
+    """A streamed piece of one choice; None when there is neither text nor a finish_reason.
+    `prompt_ids`: given for the choice's first chunk."""
     if not delta.text and not delta.tokens and reason is None:
         return None
     logprobs = None if req.logprobs is None else completion_logprobs(delta.tokens, tokenizer)
     choice = {"index": index, "text": delta.text, "logprobs": logprobs, "finish_reason": reason}
-    return header.obj("text_completion", choices=[_with_experts(choice, req, delta.tokens)])
+    choice = _extensions(choice, req, delta.tokens, prompt_ids)
+    return header.obj("text_completion", choices=[choice])
 
 
 def completion_usage_chunk(header: Header, usage: dict) -> dict:

@@ -15,6 +15,8 @@ chunk).
 
 The invariant: once finished, `text` == `tokenizer.decode(ids, skip_special_tokens=True)` cut
 before the first stop string, where `ids` are the pushed tokens minus the stop tokens.
+Without a tokenizer (a checkpoint served on token ids alone) there is no text: every token is
+released as it comes, with an empty text, and there are no stop strings.
 
 One entry per counted token: every token pushed before the stream finished is counted in
 `num_tokens` and, once finished, is in `tokens` (hence has a logprob entry): the tokens of the
@@ -148,7 +150,9 @@ class TextStream:
                     p.info.offset = p.end
 
     def _decode_ids(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        if not ids or self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _decodable(self) -> int:
         """How many ids decode for good now: up to the last token boundary that no character
@@ -275,5 +279,8 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
 
 
 def token_text(tokenizer, token_id: int) -> str:
-    """A token as a string for logprobs; bytes that are not whole characters as \\xNN escapes."""
+    """A token as a string for logprobs; bytes that are not whole characters as \\xNN escapes.
+    Without a tokenizer: "token_id:<id>" (vLLM's `return_tokens_as_token_ids` form)."""
+    if tokenizer is None:
+        return f"token_id:{int(token_id)}"
     return token_bytes(tokenizer, token_id).decode("utf-8", errors="backslashreplace")

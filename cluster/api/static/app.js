@@ -112,7 +112,8 @@ async function loadModel() {
   if (!res.ok) throw await errorOf(res);
   state.card = (await res.json()).data?.[0] ?? null;
   showModel(state.card);
-  setStatus("");
+  const chat = state.card?.capabilities?.chat !== false;
+  setStatus(chat ? "" : "This model has no tokenizer, hence no chat: it serves /v1/completions on token ids.");
 }
 
 function showModel(card) {

@@ -1,0 +1,164 @@
+"""A checkpoint without a tokenizer, served on token ids through `expertmesh serve`.
+
+transformers' `save_pretrained` writes weights and configs but no tokenizer. Such a checkpoint
+is served as vLLM serves one with `--skip-tokenizer-init`: completions of token-id prompts,
+answered with the ids (`token_ids`, and `prompt_token_ids`) and an empty text. What needs a
+tokenizer (chat and its template, text prompts, stop strings) is a 400 naming the field. The
+oracle for the ids is transformers' model on the same checkpoint, greedy by recomputing the
+whole prefix at each step.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+from conftest import reference_model
+from serving import Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+MODEL = "no-tokenizer"
+VOCAB = 300
+PROMPTS = [[5, 17, 42, 99, 3], [250, 1, 7]]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    cfg = Ernie4_5_MoeConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=VOCAB,
+        moe_num_experts=8,
+        moe_k=2,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Ernie4_5_MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "e_score_correction_bias" in name:
+                p.uniform_(-0.05, 0.05)
+            elif p.dim() > 1:
+                p.normal_(0, 0.15)
+    path = tmp_path_factory.mktemp("ckpt") / MODEL
+    model.save_pretrained(path)
+    assert not list(path.glob("tokenizer*"))
+    return path
+
+
+def greedy(path, prompt: list[int], n: int) -> list[int]:
+    """transformers' argmax continuation, the whole prefix recomputed at each step."""
+    model, ids = reference_model(path), list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    s = Server(
+        *("--model", str(ckpt), "--workers", "2", "--transport", "local"),
+        *("--max-model-len", "256"),
+        log_path=tmp_path_factory.mktemp("log") / "serve.log",
+    )
+    yield s
+    assert s.stop() == set(), "processes left behind after SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+
+
+IGNORE_EOS = {"ignore_eos": True}  # random weights may well pick EOS (id 2)
+
+
+def test_card_says_no_chat(server):
+    card = server.get("/v1/models").json()["data"][0]
+    assert card["capabilities"]["chat"] is False
+
+
+def test_greedy_token_ids_match_transformers(client, ckpt):
+    r = client.completions.create(
+        model=MODEL, prompt=PROMPTS, max_tokens=8, temperature=0, extra_body=IGNORE_EOS
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    for c, prompt in zip(r.choices, PROMPTS):
+        assert c.text == "" and c.finish_reason == "length"
+        assert c.prompt_token_ids == prompt
+        assert c.token_ids == greedy(ckpt, prompt, 8)
+    assert r.usage.prompt_tokens == 8 and r.usage.completion_tokens == 16
+
+
+def test_streamed_ids_are_the_same(client, ckpt):
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPTS[0],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=IGNORE_EOS,
+        )
+    )
+    body = [c for c in chunks if c.choices]
+    assert body[0].choices[0].prompt_token_ids == PROMPTS[0]
+    assert all(getattr(c.choices[0], "prompt_token_ids", None) is None for c in body[1:])
+    ids = [t for c in body for t in c.choices[0].token_ids]
+    assert ids == greedy(ckpt, PROMPTS[0], 8) and chunks[-1].usage.completion_tokens == 8
+    assert "".join(c.choices[0].text for c in body) == ""
+
+
+def test_sampled_choices_and_logprobs_name_ids(client):
+    kw = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=6, n=2, seed=7, logprobs=2)
+    r = client.completions.create(**kw, extra_body=IGNORE_EOS)
+    again = client.completions.create(**kw, extra_body=IGNORE_EOS)
+    assert [c.token_ids for c in r.choices] == [c.token_ids for c in again.choices]
+    for c in r.choices:
+        assert len(c.token_ids) == 6 and all(0 <= t < VOCAB for t in c.token_ids)
+        assert c.logprobs.tokens == [f"token_id:{t}" for t in c.token_ids]
+        assert all(len(top) >= 2 for top in c.logprobs.top_logprobs)
+
+
+def test_stop_token_ids_end_the_answer(client, ckpt):
+    want = greedy(ckpt, PROMPTS[0], 8)
+    stop = want[3]
+    r = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[0],
+        max_tokens=8,
+        temperature=0,
+        extra_body=IGNORE_EOS | {"stop_token_ids": [stop]},
+    )
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and c.token_ids == want[: want.index(stop) + 1]
+
+
+@pytest.mark.parametrize(
+    "path, fields, param",
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "messages"),
+        ("/v1/completions", {"prompt": "hello"}, "prompt"),
+        ("/v1/completions", {"prompt": ["hello", "there"]}, "prompt"),
+        ("/v1/completions", {"prompt": [1, 2], "stop": "x"}, "stop"),
+    ],
+)
+def test_what_needs_a_tokenizer_is_a_400(server, path, fields, param):
+    r = server.post(path, json={"model": MODEL, "max_tokens": 4, **fields})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert "no tokenizer" in err["message"]
+    assert server.post("/v1/completions", json={"model": MODEL, "prompt": [1]}).status_code == 200
