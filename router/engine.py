@@ -293,11 +293,19 @@ class LLMEngine:
         gens = [r.generator_for_next() for r in reqs]
         histories = [r.history_for_next(logits.shape[-1]) for r in reqs]
         grammars = [r.grammar for r in reqs]
-        sampled = sample(logits[rows], [r.params for r in reqs], gens, histories, grammars)
+        try:
+            sampled = sample(logits[rows], [r.params for r in reqs], gens, histories, grammars)
+        except Exception:  # one request's draw must not end its batchmates' requests
+            log.exception("sampling a batch failed; drawing each request alone")
+            sampled = [self._sample_alone(logits[i], r) for i, r in zip(rows, reqs)]
         routing = self._routing(reqs, last_index, rows)
         events = []
         for req, s, experts in zip(reqs, sampled, routing, strict=True):
             seq = req.seq
+            if isinstance(s, Exception):
+                self.abort(seq.seq_id)
+                events.append(error_event(seq.seq_id, ErrorKind.INTERNAL, f"internal error: {s}"))
+                continue
             complete = req.appended(s.token)
             reason = None
             if s.token in req.stop_ids or complete:
@@ -309,6 +317,17 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 del self.requests[seq.seq_id]
         return events
+
+    def _sample_alone(self, logits: torch.Tensor, req: _Request):
+        """logits: [V]. The request's draw on its own, or the exception it raises (the step's
+        generator is re-seeded, so a draw again gives what the batch would have given)."""
+        try:
+            history = req.history_for_next(logits.shape[-1])
+            gen = req.generator_for_next()
+            return sample(logits[None], [req.params], [gen], [history], [req.grammar])[0]
+        except Exception as e:
+            log.exception("sampling request %s failed", req.seq.seq_id)
+            return e
 
     def _count_routing(self) -> None:
         routing = self.model.routing()  # per MoE layer: ids [T, k]

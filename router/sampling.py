@@ -114,7 +114,8 @@ class History:
         self.prompt_seen[torch.as_tensor(list(prompt), dtype=torch.int64)] = True
         self.output_counts = torch.zeros(vocab)  # [V] float32
         self.num_output = 0
-        self.stop_ids = torch.tensor(sorted(t for t in stop_ids if 0 <= t < vocab))  # [s]
+        stops = sorted(t for t in stop_ids if 0 <= t < vocab)
+        self.stop_ids = torch.tensor(stops, dtype=torch.int64)  # [s], maybe empty (ignore_eos)
         for t in output:
             self.add(t)
 

@@ -76,3 +76,33 @@ def test_abort_frees_the_slot_and_bad_requests_error(make_checkpoint):
     finally:
         loop.stop()
     assert not any(t.name == "engine-loop" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_draw_that_fails_ends_only_its_own_request(make_checkpoint):
+    """A request whose draw raises (here a structured-output matcher that breaks) gets an
+    internal error; its batchmates keep going, with the tokens they get alone."""
+    from expertmesh.router.events import ErrorKind
+
+    class BrokenMatcher:
+        done = False
+
+        def mask(self, row):
+            raise RuntimeError("the matcher broke")
+
+        def accept(self, token):
+            return False
+
+    engine = LLMEngine.from_checkpoint(make_checkpoint(**CONFIGS["top2of8-shared1"]), num_shards=2)
+    p = SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)
+    want = engine.generate([[5, 6, 7]], p)[0].token_ids
+    engine.add_request("bad", [5, 6, 7], p)
+    engine.add_request("ok", [5, 6, 7], p)
+    engine.requests["bad"].grammar = BrokenMatcher()
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    bad = [e for e in events if e.request_id == "bad"]
+    assert len(bad) == 1 and bad[0].finish_reason == "error"
+    assert bad[0].error_kind == ErrorKind.INTERNAL and "the matcher broke" in bad[0].error
+    assert [e.token_id for e in events if e.request_id == "ok"] == want
+    assert engine.num_running == 0 and "bad" not in engine.requests

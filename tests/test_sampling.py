@@ -214,3 +214,18 @@ def test_adjusted_greedy_through_the_engine_matches_the_reference(make_checkpoin
     assert got == reference_greedy(path, prompt, p, eos)
     if "min_tokens" in kw:  # EOS, favoured by 60, comes right after them
         assert len(got) == 7 and got[-1] == 2 and 2 not in got[:-1]
+
+
+def test_min_tokens_with_no_stop_token_to_bar(make_checkpoint):
+    """With `ignore_eos` and no `stop_token_ids` min_tokens has nothing to bar (an empty set of
+    ids, which once failed to index): the tokens are those without it."""
+    history = History(8, [1, 2], stop_ids=frozenset())
+    logits = torch.arange(8.0)
+    p = SamplingParams(max_tokens=4, min_tokens=2, ignore_eos=True)
+    assert torch.equal(adjust_logits(logits, p, history), logits)
+    path = make_checkpoint(**CONFIGS["top2of8-shared1"])
+    engine = LLMEngine.from_checkpoint(path, num_shards=2)
+    barred = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, min_tokens=3)
+    plain = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    a, b = engine.generate([[5, 6, 7], [5, 6, 7]], [barred, plain])
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 6
