@@ -181,6 +181,29 @@ def test_admission_counts_the_tokens_min_tokens_forces():
     assert e.value.param == "max_tokens" and "105 tokens" in e.value.message
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_every_optional_field_takes_null(endpoint, tok):
+    """JSON null for any optional field is its default (clients other than OpenAI's send
+    them): the request parses, is admitted and gives sampling params (`n: null` was once a
+    500 in admission)."""
+    cls = op.ChatCompletionRequest if endpoint == "chat" else op.CompletionRequest
+    base = chat() if endpoint == "chat" else {"prompt": "x"}
+    parse = op.parse_chat_request if endpoint == "chat" else op.parse_completion_request
+    admission = Admission(ServeArgs())
+    nullable = [
+        name
+        for name, f in cls.model_fields.items()
+        if name not in base and f.default is not None and "None" in str(f.annotation)
+    ]
+    assert {"n", "temperature", "top_p", "presence_penalty"} <= set(nullable)
+    for name in nullable:
+        req = parse(base | {name: None})
+        asyncio.run(admission.admit(None, [[1, 2]], req, 4096, 0))
+        params = op.sampling_params(req)
+        op.text_stream(req, tok)
+        assert params.temperature == 1.0 and params.top_p == 1.0, name
+
+
 def test_unsupported_fields_pass_with_their_neutral_values():
     """Fields the engine has no use for are a 400 unless they would change nothing."""
     op.parse_chat_request(chat(response_format={"type": "text"}))

@@ -258,6 +258,11 @@ class _Sampling(_Strict):
                 raise ValueError(err)
         return v
 
+    @field_validator("n")
+    @classmethod
+    def _n_null_is_one(cls, v):
+        return 1 if v is None else v  # JSON null means the default, as everywhere in the API
+
     @field_validator("logit_bias")
     @classmethod
     def _token_id_keys(cls, v):
