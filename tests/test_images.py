@@ -51,6 +51,8 @@ def test_each_bad_image_gets_a_400_naming_the_problem():
     assert "base64" in bad("data:image/png;base64,@@@not base64@@@").message
     assert "decoded" in bad(data_url(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)).message
     assert "decoded" in bad(data_url(png[: len(png) // 2])).message  # truncated
+    text = bad(data_url(b"hello world")).message  # no image format at all
+    assert "not a known image format" in text and "object at 0x" not in text
     assert "GIF" in bad(data_url(encoded("GIF"), "")).message
     assert "image/gif" in bad(data_url(encoded("GIF"), "image/gif")).message
     assert "bytes" in bad(data_url(png), max_bytes=len(png) - 1).message

@@ -89,7 +89,9 @@ def decode_image(raw: bytes, limits: ImageLimits, param: str) -> Image.Image:
             img.load()
     except op.APIError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Warning) as e:
+    except UnidentifiedImageError:  # PIL's message names an in-memory object, not the data
+        raise _bad(param, "the image could not be decoded: not a known image format") from None
+    except (OSError, SyntaxError, ValueError, Warning) as e:
         raise _bad(param, f"the image could not be decoded: {e}") from None
     if min(img.size) < 1:
         raise _bad(param, "the image is empty")
