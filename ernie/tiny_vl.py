@@ -107,7 +107,8 @@ def _config(a: dict, vocab: int, ids: dict[str, int]):
         num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
         num_key_value_heads=a["kv_heads"], head_dim=head_dim, vocab_size=vocab,
         moe_num_experts=a["experts"], moe_k=a["top_k"], moe_num_shared_experts=a["shared"],
-        moe_intermediate_size=[2 * a["hidden"], a["hidden"]], use_bias=a["use_bias"],
+        moe_intermediate_size=list(a["expert_widths"] or (2 * a["hidden"], a["hidden"])),
+        use_bias=a["use_bias"],
         max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=a["tie_word_embeddings"],
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
         rope_parameters=dict(
@@ -152,12 +153,12 @@ def _init_(model: torch.nn.Module, seed: int) -> None:
 def make_tiny_vl(
     out_dir, *, seed=0, experts=4, top_k=2, shared=1, layers=3, hidden=64, heads=4,
     kv_heads=2, vision_depth=2, vision_hidden=32, vision_heads=2, use_bias=False,
-    tie_word_embeddings=True, max_image_tokens=16, max_shard_size="200KB",
+    tie_word_embeddings=True, max_image_tokens=16, max_shard_size="200KB", expert_widths=None,
 ) -> Path:  # fmt: skip
     """Writes a tiny random ERNIE-4.5-VL checkpoint (Hub layout, via transformers) into
     out_dir, with tokenizer, chat template, generation and preprocessor configs; returns it.
     Layer 0 is dense, the others MoE with `experts` text and `experts` vision experts (the
-    vision ones half as wide)."""
+    vision ones half as wide, unless `expert_widths` gives (text, vision) widths)."""
     from transformers import Ernie4_5_VLMoeForConditionalGeneration
 
     a = {k: v for k, v in locals().items() if k != "out_dir"}

@@ -303,8 +303,9 @@ class _Held:
         experts = list(experts)
         g2l = torch.full((cfg.num_experts + 1,), -1, dtype=torch.long)
         g2l[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
-        weights = {layer: compute_form(*pair) for layer, pair in weights.items()}
-        vision = {layer: compute_form(*pair) for layer, pair in vision_weights.items()}
+        widths = model_widths(cfg)  # one form for text and vision: `mixed` lists both
+        weights = {layer: compute_form(*pair, widths) for layer, pair in weights.items()}
+        vision = {layer: compute_form(*pair, widths) for layer, pair in vision_weights.items()}
         mixed = {
             layer: tuple([*a, *b] for a, b in zip(weights[layer], v)) for layer, v in vision.items()
         }
@@ -312,13 +313,15 @@ class _Held:
         return cls(experts, g2l, weights, vision, mixed, complete)
 
 
-def compute_form(w13, w2) -> tuple:
+def compute_form(w13, w2, widths: Sequence[int] | None = None) -> tuple:
     """One layer's (w13, w2) as the shard computes with them: lists of per-expert weights in
     `per_expert_form` where there is one; otherwise as given (stacked tensors or lists).
-    Blocked or packed weights pass through unchanged."""
+    Blocked or packed weights pass through unchanged. `widths`: every expert width the form
+    must take (default: these experts' own)."""
     if len(w13) == 0 or w13[0].is_mkldnn or fused_moe.is_blocked(w13[0]):
         return w13, w2
-    form = per_expert_form(w13[0].dtype, w13[0].device, w2[0].shape[0], [w.shape[1] for w in w2])
+    widths = list(widths) if widths is not None else [w.shape[1] for w in w2]
+    form = per_expert_form(w13[0].dtype, w13[0].device, w2[0].shape[0], widths)
     if form is None:
         return w13, w2
     make13, make2 = form
@@ -334,6 +337,14 @@ def per_expert_form(dtype, device, hidden: int, widths: list[int]) -> tuple | No
     if can_pack(dtype, device):
         return pack, pack
     return None
+
+
+def model_widths(cfg: ModelConfig) -> list[int]:
+    """Every routed expert width of the model (VL: text and vision). A shard's experts all take
+    the form these allow, whichever experts it holds: a VL shard computes its text and vision
+    experts in one call, and the kernel cannot take blocked and packed weights together (a
+    text width the kernel cannot block beside a vision width it can once failed that way)."""
+    return sorted({cfg.expert_width(e) for e in range(cfg.num_experts)})
 
 
 def dense(w: torch.Tensor) -> torch.Tensor:
@@ -360,7 +371,7 @@ def _load_group(
     in memory."""
     h = cfg.hidden_size
     inter = cfg.expert_width(experts[0]) if experts else cfg.moe_intermediate_size
-    form = per_expert_form(dtype, device, h, [inter]) if experts else None
+    form = per_expert_form(dtype, device, h, model_widths(cfg)) if experts else None
     if form is not None:
         make13, make2 = form
         gate_up = torch.empty(2 * inter, h, dtype=dtype, device=device)  # reused: [gate; up]

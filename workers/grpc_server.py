@@ -42,8 +42,12 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             weights = tensor_from_proto(request.weights)  # [n, k]
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        with torch.inference_mode():
-            y = self.combiner.forward(request.layer, x, ids, weights)  # [n, H]
+        try:
+            with torch.inference_mode():
+                y = self.combiner.forward(request.layer, x, ids, weights)  # [n, H]
+        except Exception:  # the gateway sees only the message: keep the traceback here
+            log.exception("layer %d: computing %d rows failed", request.layer, x.shape[0])
+            raise
         return expert_pb2.ForwardReply(y=tensor_to_proto(y))
 
     def Info(self, request: expert_pb2.InfoRequest, context) -> expert_pb2.InfoReply:
