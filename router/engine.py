@@ -72,6 +72,7 @@ class _Request:
     generator: torch.Generator = field(default_factory=torch.Generator)
     history: History | None = None  # for penalties and min_tokens (`history_for_next`)
     grammar: Matcher | None = None  # a structured answer's state
+    prompt_logprobs: list | None = None  # gathered chunk by chunk; sent with the first token
 
     def history_for_next(self, vocab: int) -> History | None:
         """Where the params need it: the prompt's tokens and the output's counts so far (made
@@ -280,10 +281,55 @@ class LLMEngine:
             return []
         input_ids, meta = build_step(plan, self.cfg.block_size, self.device)
         mm = build_multimodal_step(plan, self._mm_of, self.model.encode_images, self.device)
-        logits = self.model(input_ids, meta, self.kv, self.dispatcher, mm)  # [B, V]
+        spans = self._prompt_logprob_rows(plan, meta)
+        logits = self.model(input_ids, meta, self.kv, self.dispatcher, mm)  # [B, V] or [R, V]
+        if spans is not None:
+            logits = self._gather_prompt_logprobs(plan, logits.cpu(), spans)  # -> [B, V]
         self._count_routing()
         self.scheduler.advance(plan)
         return self._update(plan, logits.cpu(), meta.last_index)
+
+    def _prompt_logprob_rows(self, plan: list[ScheduledSeq], meta) -> list | None:
+        """Where a sequence asking for prompt logprobs has prompt tokens in this step, logits
+        for all of its rows (`meta.logit_index`); per sequence its (first row, rows) in them."""
+        want = [
+            self.requests[s.seq.seq_id].params.prompt_logprobs is not None
+            and s.seq.num_computed < s.seq.num_prompt
+            for s in plan
+        ]
+        if not any(want):
+            return None
+        index, spans = [], []
+        for s, w, last in zip(plan, want, meta.last_index.tolist(), strict=True):
+            first = last - s.num_tokens + 1 if w else last
+            spans.append((len(index), last - first + 1))
+            index.extend(range(first, last + 1))
+        meta.logit_index = torch.tensor(index, device=meta.last_index.device)
+        return spans
+
+    def _gather_prompt_logprobs(self, plan, logits: torch.Tensor, spans) -> torch.Tensor:
+        """logits: [R, V] over `spans`; keeps the prompt tokens' logprobs of this step's
+        chunks and returns the last row of each sequence: [B, V]."""
+        for s, (r0, n) in zip(plan, spans, strict=True):
+            req, seq = self.requests[s.seq.seq_id], s.seq
+            k = req.params.prompt_logprobs
+            p0 = seq.num_computed  # row j of the chunk predicts the token at p0 + j + 1
+            if k is None or p0 >= seq.num_prompt:  # not asked, or decoding
+                continue
+            m = min(n, seq.num_prompt - 1 - p0)
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None]  # the first token has no context
+            if m <= 0:
+                continue
+            lp = torch.log_softmax(logits[r0 : r0 + m], dim=-1)  # [m, V]
+            ids = torch.tensor(seq.token_ids[p0 + 1 : p0 + 1 + m])  # [m]
+            chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+            tops = [[] for _ in range(m)]
+            if k:
+                vals, top_ids = torch.topk(lp, min(k, lp.shape[-1]))
+                tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), vals.tolist())]
+            req.prompt_logprobs += [(c, t) for c, t in zip(chosen, tops)]
+        return logits[[r0 + n - 1 for r0, n in spans]]
 
     def _update(self, plan: list[ScheduledSeq], logits, last_index) -> list[TokenEvent]:
         rows = [i for i, s in enumerate(plan) if s.samples]
@@ -312,7 +358,10 @@ class LLMEngine:
                 reason = "stop"
             elif seq.num_generated >= seq.max_tokens:
                 reason = "length"
-            events.append(TokenEvent(seq.seq_id, s.token, s.logprob, s.top, experts, reason))
+            ev = TokenEvent(seq.seq_id, s.token, s.logprob, s.top, experts, reason)
+            if req.prompt_logprobs is not None:  # sent once, with the first token
+                ev.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None
+            events.append(ev)
             if reason:
                 self.scheduler.finish(seq)
                 del self.requests[seq.seq_id]

@@ -27,6 +27,9 @@ class TokenEvent:
     finish_reason: str | None = None  # stop, length, abort, error
     error: str | None = None  # why, when finish_reason is "error" (or an abort has a reason)
     error_kind: ErrorKind | None = None  # with an error: what kind of failure it is
+    # on a request's first token, when asked: per prompt position, None for the first token,
+    # then (logprob of the prompt's token, [(token_id, logprob)] most likely first)
+    prompt_logprobs: list | None = None
 
 
 def error_event(request_id: str, kind: ErrorKind, message: str) -> TokenEvent:

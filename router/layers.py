@@ -200,6 +200,8 @@ class AttnMeta:
     slot_mapping: torch.Tensor  # [T] cache slot where each token's k/v is written
     last_index: torch.Tensor  # [B] index into T of each sequence's last token this step
     groups: list[AttnGroup]
+    # [R] the rows that get logits, where not last_index alone (prompt logprobs: all of a chunk)
+    logit_index: torch.Tensor | None = None
 
 
 class Attention(nn.Module):

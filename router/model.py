@@ -114,7 +114,8 @@ class GatewayModel(nn.Module):
         """input_ids: [T]; kv: k and v caches [layers, slots, kv_heads, D]; mm: the step's
         image embeddings, 3D positions and vision tokens (VL; None for a text-only step).
 
-        Returns the logits of each sequence's last token this step: [B, V] in fp32.
+        Returns the logits of each sequence's last token this step: [B, V] in fp32 (of the
+        rows of `meta.logit_index` instead, where it is set: [R, V]).
         """
         x = self.model.embed_tokens(input_ids)  # [T, H]
         positions, vision = meta.positions, None
@@ -126,8 +127,9 @@ class GatewayModel(nn.Module):
         k_cache, v_cache = kv
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rope, k_cache[i], v_cache[i], meta, dispatcher, vision)
-        x = self.model.norm(x[meta.last_index])  # [B, H]
-        return self.lm_head(x).float()  # [B, V]
+        rows = meta.last_index if meta.logit_index is None else meta.logit_index
+        x = self.model.norm(x[rows])  # [B, H] (or [R, H])
+        return self.lm_head(x).float()  # [B, V] (or [R, V])
 
     def rope(self, positions: torch.Tensor) -> torch.Tensor:
         """positions: [T] or [3, T] (VL) -> each token's rotations [T, 1, D/2] (complex64)."""

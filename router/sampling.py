@@ -47,6 +47,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     structured: str | None = None  # the answer's grammar (`router.structured`): JSON
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs, with this many top ones
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -59,6 +60,8 @@ class SamplingParams:
             raise ValueError("top_k must be -1, 0 or positive")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError("logprobs must be >= 0")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError("prompt_logprobs must be >= 0")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
         if not 0 <= self.min_tokens <= self.max_tokens:

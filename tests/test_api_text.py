@@ -399,3 +399,18 @@ def test_completion_token_ids_per_prompt(client, tok):
         assert tok.decode(c.token_ids, skip_special_tokens=True) == c.text
     plain = client.completions.create(model=MODEL, prompt="x", max_tokens=4, seed=5)
     assert getattr(plain.choices[0], "token_ids", None) is None  # only when asked
+
+
+def test_echo_puts_the_prompt_first(client, tok):
+    kw = dict(model=MODEL, prompt="Hello there", max_tokens=8, seed=6, echo=True, logprobs=0)
+    kw["extra_body"] = {"ignore_eos": True}
+    r = client.completions.create(**kw)
+    c = r.choices[0]
+    n = len(encode_text(tok, "Hello there"))
+    assert c.text.startswith("Hello there") and len(c.logprobs.tokens) == n + 8
+    assert c.logprobs.token_logprobs[0] is None and c.logprobs.text_offset[n] == len("Hello there")
+    assert r.usage.prompt_tokens == n and r.usage.completion_tokens == 8
+    chunks = [x for x in client.completions.create(**kw, stream=True) if x.choices]
+    assert "".join(x.choices[0].text for x in chunks) == c.text
+    offsets = [o for x in chunks for o in x.choices[0].logprobs.text_offset]
+    assert offsets == c.logprobs.text_offset

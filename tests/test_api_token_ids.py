@@ -162,3 +162,28 @@ def test_what_needs_a_tokenizer_is_a_400(server, path, fields, param):
     assert err["type"] == "invalid_request_error" and err["param"] == param
     assert "no tokenizer" in err["message"]
     assert server.post("/v1/completions", json={"model": MODEL, "prompt": [1]}).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_scores_the_prompt(client, ckpt, stream):
+    """`echo` with `logprobs` (how lm-evaluation-harness scores a text): each prompt token's
+    logprob under transformers' model, the first without one, then the answer's."""
+    prompt = PROMPTS[0]
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=2, echo=True)
+    if stream:
+        chunks = [c for c in client.completions.create(**kw, stream=True) if c.choices]
+        tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+        lps = [x for c in chunks for x in c.choices[0].logprobs.token_logprobs]
+        tops = [x for c in chunks for x in c.choices[0].logprobs.top_logprobs]
+    else:
+        lp = client.completions.create(**kw).choices[0].logprobs
+        tokens, lps, tops = lp.tokens, lp.token_logprobs, lp.top_logprobs
+    with torch.no_grad():
+        logits = reference_model(ckpt)(torch.tensor([prompt])).logits[0]
+    want = torch.log_softmax(logits, dim=-1)
+    assert tokens[: len(prompt)] == [f"token_id:{t}" for t in prompt] and len(tokens) == 6
+    assert lps[0] is None and tops[0] is None
+    for i in range(1, len(prompt)):
+        assert abs(lps[i] - float(want[i - 1, prompt[i]])) <= 1e-4
+        assert len(tops[i]) >= 2
+    assert abs(lps[-1] - float(want[-1].max())) <= 1e-4  # the greedy answer's token

@@ -211,7 +211,7 @@ def test_unsupported_fields_pass_with_their_neutral_values():
     creq = op.parse_completion_request({"prompt": "x", "n": 2, "best_of": 2, "suffix": ""})
     assert creq.best_of == 2
     for kw, param in [({"best_of": 3, "n": 2}, "best_of"), ({"best_of": 2}, "best_of"),
-                      ({"suffix": "tail"}, "suffix"), ({"echo": True}, "echo")]:  # fmt: skip
+                      ({"suffix": "tail"}, "suffix")]:  # fmt: skip
         with pytest.raises(op.APIError) as e:
             op.parse_completion_request({"prompt": "x", **kw})
         assert e.value.status == 400 and e.value.param == param
@@ -257,7 +257,6 @@ def test_missing_prompt_and_completion_fields():
     for kw, param in [
         ({"logprobs": 6}, "logprobs"),
         ({"logprobs": True}, "logprobs"),
-        ({"echo": True}, "echo"),
         ({"max_tokens": 0}, "max_tokens"),
     ]:
         with pytest.raises(op.APIError) as e:
@@ -749,3 +748,27 @@ def test_without_a_tokenizer_only_token_id_completions(cfg):
     s.push(2, -1.0)  # EOS: counted, no text
     choice = resp.completion_choice(req, 0, s, "stop", None, [1, 2])
     assert choice["token_ids"] == [7, 2] and choice["text"] == "" and s.num_tokens == 2
+
+
+def test_echo_puts_the_prompt_before_the_text_and_its_logprobs(tok):
+    """Completions' `echo`: the prompt's text first; with logprobs, its tokens' entries first
+    (no logprob for the first), the answer's offsets shifted by the prompt's text."""
+    req = op.parse_completion_request({"prompt": "the sea", "echo": True, "logprobs": 1})
+    assert op.sampling_params(req).prompt_logprobs == 1
+    assert op.sampling_params(op.parse_completion_request({"prompt": "x"})).prompt_logprobs is None
+    prompt = op.completion_prompts(req, tok)[0]
+    assert op.echo_texts(req, [prompt], tok) == ["the sea"]
+    ids_req = op.parse_completion_request({"prompt": prompt, "echo": True})
+    assert op.echo_texts(ids_req, [prompt], tok) == [tok.decode(prompt)]
+    plps = [None] + [(-0.5 - i, [(7, -0.1)]) for i in range(len(prompt) - 1)]
+    s, _, reason = run_choice(tok, req, " is blue")
+    echo = resp.Echo("the sea", prompt, plps)
+    choice = resp.completion_choice(req, 0, s, reason, tok, echo=echo)
+    assert choice["text"] == "the sea is blue"
+    lp = choice["logprobs"]
+    n = len(prompt)
+    assert "".join(lp["tokens"][:n]) == "the sea" and lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:n] == [-0.5 - i for i in range(n - 1)]
+    assert lp["top_logprobs"][0] is None and len(lp["top_logprobs"][1]) == 2
+    assert lp["text_offset"][n] == len("the sea")  # the answer's first token
+    assert len(lp["tokens"]) == n + s.num_tokens

@@ -195,3 +195,32 @@ def test_requests_joining_mid_decode_match_their_solo_runs(make_checkpoint, monk
         for j, (tok, lp) in enumerate(got[f"r{i}"]):
             assert abs(float(logp[len(prompt) - 1 + j, tok]) - lp) <= TOL
     assert 2 in groups and 1 in groups  # mixed steps were split, pure ones were not
+
+
+def test_prompt_logprobs_match_reference_through_chunked_prefill(make_checkpoint):
+    """`prompt_logprobs`: each prompt token's logprob under transformers' model (None for the
+    first), gathered over prefill chunks of 7 tokens, sent once with the first token; next to
+    a request that does not ask for them, and one whose prompt is a single token."""
+    path = make_checkpoint(**CONFIGS["top2of8-shared1"])
+    engine = LLMEngine.from_checkpoint(
+        path, EngineConfig(max_tokens_per_step=7, block_size=4), num_shards=2
+    )
+    prompts = prompts_of([18, 1, 9], engine.model_cfg.vocab_size, seed=5)
+    ks = [2, 0, None]
+    for i, (p, k) in enumerate(zip(prompts, ks)):
+        engine.add_request(
+            f"r{i}", p, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=k)
+        )
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    for i, (p, k) in enumerate(zip(prompts, ks)):
+        sent = [e.prompt_logprobs for e in events if e.request_id == f"r{i}" and e.prompt_logprobs]
+        if k is None:
+            assert sent == []
+            continue
+        assert len(sent) == 1 and len(sent[0]) == len(p) and sent[0][0] is None
+        want = torch.log_softmax(ref_logits(path, p), dim=-1)  # [L, V]
+        for j, (lp, top) in enumerate(sent[0][1:]):
+            assert abs(lp - float(want[j, p[j + 1]])) <= TOL
+            assert [t for t, _ in top] == want[j].topk(k).indices.tolist() if k else top == []

@@ -349,8 +349,14 @@ class Ingress:
         prompt_tokens = sum(len(p) for p in prompts)
         header = resp.completion_header(self.model_name)
         prompt_of = {c.index: prompts[c.index // (req.n or 1)] for c in choices}
+        echo_of = {}
+        if req.echo:
+            texts = op.echo_texts(req, prompts, self.tokenizer)
+            echo_of = {c.index: texts[c.index // (req.n or 1)] for c in choices}
         if req.stream:
-            chunks = self._completion_chunks(req, header, choices, prompt_tokens, prompt_of)
+            chunks = self._completion_chunks(
+                req, header, choices, prompt_tokens, prompt_of, echo_of
+            )
             return self._sse("completions", chunks, choices, prompt_tokens, t0)
         try:
             reasons = [await c.run_to_end() for c in choices]
@@ -358,21 +364,44 @@ class Ingress:
             self._end(choices)
             self._observe("completions", 200, t0, choices, prompt_tokens)
         out = [
-            resp.completion_choice(req, c.index, c.stream, r, self.tokenizer, prompt_of[c.index])
+            resp.completion_choice(
+                req,
+                c.index,
+                c.stream,
+                r,
+                self.tokenizer,
+                prompt_of[c.index],
+                self._echo(c, echo_of, prompt_of),
+            )
             for c, r in zip(choices, reasons)
         ]
         return resp.completion_response(header, out, self._usage(prompt_tokens, choices))
 
+    @staticmethod
+    def _echo(c: Choice, echo_of: dict, prompt_of: dict) -> resp.Echo | None:
+        if c.index not in echo_of:
+            return None
+        return resp.Echo(echo_of[c.index], prompt_of[c.index], c.prompt_logprobs)
+
     async def _completion_chunks(
-        self, req, header, choices: list[Choice], prompt_tokens: int, prompt_of: dict
+        self, req, header, choices: list[Choice], prompt_tokens: int, prompt_of: dict, echo_of
     ):
+        first = set(prompt_of)  # choices whose first chunk is still to come
         async for c, delta, reason in merged(choices):
-            prompt = prompt_of.get(c.index)  # the choice's first chunk carries it
+            head = c.index in first  # the first chunk carries the prompt's ids and its echo
             chunk = resp.completion_chunk(
-                header, req, c.index, delta, self.tokenizer, reason, prompt
+                header,
+                req,
+                c.index,
+                delta,
+                self.tokenizer,
+                reason,
+                prompt_of[c.index] if head else None,
+                self._echo(c, echo_of, prompt_of) if head else None,
+                0 if head else len(echo_of.get(c.index, "")),
             )
             if chunk is not None:
-                prompt_of.pop(c.index, None)
+                first.discard(c.index)
                 yield chunk
         if req.include_usage:
             yield resp.completion_usage_chunk(header, self._usage(prompt_tokens, choices))

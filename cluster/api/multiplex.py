@@ -290,6 +290,7 @@ class Choice:
         self._first: list[TokenEvent] | None = None
         self.finished = False
         self.first_token_at: float | None = None
+        self.prompt_logprobs: list | None = None  # from the first token's event, when asked
         self.token_times: list[float] = []
 
     async def _next_batch(self) -> list[TokenEvent]:
@@ -330,6 +331,8 @@ class Choice:
             self.finished = True
         if ev.finish_reason == "error":
             raise op.error_for_event(ev)
+        if ev.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = ev.prompt_logprobs  # a resumed request sends them again
         if ev.token_id is not None:
             now = time.monotonic()
             self.first_token_at = self.first_token_at or now

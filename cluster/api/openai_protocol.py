@@ -7,7 +7,7 @@ the Serve app calls these and moves the bytes.
 Decisions: fields the engine has no use for are accepted only with their neutral value, so that
 none is silently ignored: completions' `suffix` (empty) and `best_of` (n), chat's
 `tools` / `functions` (none, or with `tool_choice` "none");
-`echo` is refused, image parts are refused (text models), the `developer`
+image parts are refused (text models), the `developer`
 role renders as `system` (ERNIE's template knows no other), stop strings must be non-empty.
 Text (message contents, text prompts, stop strings) must be valid Unicode: a lone surrogate
 (JSON allows `"\\udfff"`) is a 400 naming the field. User text is encoded as text: a
@@ -24,6 +24,9 @@ tokens; at most max_tokens, and an unset max_tokens defaults to at least it); th
 Structured output: chat's `response_format` `json_object` or `json_schema` (its `schema`,
 checked by `check_structured`, off the event loop) constrains the answer
 (`expertmesh.router.structured`).
+Completions' `echo`: each choice's text starts with its prompt (a token-id prompt decoded), and
+with `logprobs` its entries start with the prompt's tokens (the first has no logprob), as
+OpenAI's legacy endpoint and vLLM answer (what lm-evaluation-harness scores prompts with).
 Extensions: vLLM's `top_k`, `ignore_eos` and `stop_token_ids` (ids that end the choice like EOS:
 the text leaves them out, finish_reason "stop"); vLLM's `return_token_ids` (`token_ids` per
 choice, one per counted token; `prompt_token_ids`: per choice for completions, on the response
@@ -441,7 +444,9 @@ class CompletionRequest(_Sampling):
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = Field(
         None, description="return the chosen tokens' logprobs and this many alternatives"
     )
-    echo: bool | None = Field(False, description="not supported")
+    echo: bool | None = Field(
+        False, description="the text starts with the prompt; logprobs cover the prompt too"
+    )
     suffix: str | None = Field(None, description="not supported: only empty")
     best_of: int | None = Field(None, description="not supported: only n")
 
@@ -452,7 +457,7 @@ class CompletionRequest(_Sampling):
         return v
 
     # a name of its own: `_unsupported` would replace _Sampling's validator
-    _unsupported_completions = field_validator("echo", "suffix")(_only_neutral)
+    _unsupported_completions = field_validator("suffix")(_only_neutral)
 
     @model_validator(mode="after")
     def _best_of_is_n(self):
@@ -678,6 +683,7 @@ def sampling_params(
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=tuple((int(t), b) for t, b in (req.logit_bias or {}).items()),
         structured=req.structured_spec if isinstance(req, ChatCompletionRequest) else None,
+        prompt_logprobs=logprobs if getattr(req, "echo", False) else None,
     )
 
 
@@ -695,6 +701,19 @@ def text_stream(req, tokenizer, stop_token_ids: Iterable[int] = ()) -> TextStrea
 def finish_reason(engine_reason: str | None, stream: TextStream) -> str | None:
     """OpenAI's finish_reason: a stop string hit is "stop"; the engine's stop/length as they are."""
     return "stop" if stream.stopped else engine_reason
+
+
+def echo_texts(req: CompletionRequest, prompts: list[list[int]], tokenizer) -> list[str]:
+    """What `echo` puts before each prompt's choices: a text prompt as sent, a token-id prompt
+    decoded (empty without a tokenizer)."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    if p and all(isinstance(x, str) for x in p):
+        return list(p)
+    if tokenizer is None:
+        return ["" for _ in prompts]
+    return [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
 
 
 def completion_index(prompt_index: int, choice_index: int, n: int) -> int:

@@ -97,6 +97,54 @@ def completion_logprobs(tokens: list[TokenInfo], tokenizer) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Echo:
+    """What completions' `echo` puts before a choice: the prompt's text and, with logprobs,
+    its tokens' entries (`TokenEvent.prompt_logprobs`: None for the first token)."""
+
+    text: str
+    prompt_ids: list[int]
+    logprobs: list | None = None
+
+    def entries(self, tokenizer) -> dict:
+        """The prompt's part of `choice.logprobs` (completions format)."""
+        names = [token_text(tokenizer, t) for t in self.prompt_ids]
+        lps = self.logprobs or [None] * len(names)
+        offsets, at = [], 0
+        for name in names:
+            offsets.append(at)
+            at += len(name)
+        return {
+            "tokens": names,
+            "token_logprobs": [None if e is None else _lp(e[0]) for e in lps],
+            "top_logprobs": [
+                None
+                if e is None
+                else {name: _lp(e[0])} | {token_text(tokenizer, i): _lp(v) for i, v in e[1]}
+                for name, e in zip(names, lps)
+            ],
+            "text_offset": offsets,
+        }
+
+
+def _with_echo(choice: dict, echo: Echo | None, tokenizer) -> dict:
+    """The choice's text and logprobs with the prompt's before them."""
+    if echo is None:
+        return choice
+    choice["text"] = echo.text + choice["text"]
+    lp = choice.get("logprobs")
+    if lp is not None:
+        head = echo.entries(tokenizer)
+        shift = len(echo.text)
+        choice["logprobs"] = {
+            "tokens": head["tokens"] + lp["tokens"],
+            "token_logprobs": head["token_logprobs"] + lp["token_logprobs"],
+            "top_logprobs": head["top_logprobs"] + lp["top_logprobs"],
+            "text_offset": head["text_offset"] + [o + shift for o in lp["text_offset"]],
+        }
+    return choice
+
+
 def _extensions(
     choice: dict, req, tokens: list[TokenInfo], prompt_ids: list[int] | None = None
 ) -> dict:
@@ -171,10 +219,11 @@ def completion_choice(
     reason: str | None,
     tokenizer,
     prompt_ids: list[int] | None = None,
+    echo: Echo | None = None,
 ) -> dict:
     logprobs = None if req.logprobs is None else completion_logprobs(stream.tokens, tokenizer)
     choice = {"index": index, "text": stream.text, "logprobs": logprobs, "finish_reason": reason}
-    return _extensions(choice, req, stream.tokens, prompt_ids)
+    return _extensions(_with_echo(choice, echo, tokenizer), req, stream.tokens, prompt_ids)
 
 
 def completion_response(header: Header, choices: list[dict], usage: dict) -> dict:
@@ -189,14 +238,19 @@ def completion_chunk(
     tokenizer,
     reason: str | None = None,
     prompt_ids: list[int] | None = None,
+    echo: Echo | None = None,
+    shift: int = 0,
 ) -> dict | None:
     """A streamed piece of one choice; None when there is neither text nor a finish_reason.
-    `prompt_ids`: given for the choice's first chunk."""
-    if not delta.text and not delta.tokens and reason is None:
+    `prompt_ids` and `echo`: given for the choice's first chunk; `shift`: for the later ones
+    of an echoed choice, the length of its prompt's text (the logprobs' text offsets)."""
+    if not delta.text and not delta.tokens and reason is None and echo is None:
         return None
     logprobs = None if req.logprobs is None else completion_logprobs(delta.tokens, tokenizer)
     choice = {"index": index, "text": delta.text, "logprobs": logprobs, "finish_reason": reason}
-    choice = _extensions(choice, req, delta.tokens, prompt_ids)
+    if logprobs is not None and shift:
+        logprobs["text_offset"] = [o + shift for o in logprobs["text_offset"]]
+    choice = _extensions(_with_echo(choice, echo, tokenizer), req, delta.tokens, prompt_ids)
     return header.obj("text_completion", choices=[choice])
 
 
