@@ -66,6 +66,34 @@ def reference_model(path):
     return Ernie4_5_MoeForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
+def hf_text_model(seed: int = 0, **config):
+    """transformers' Ernie4_5_MoeForCausalLM of `config`, its weights drawn from `seed` large
+    enough that routing and logits differ clearly from position to position (nonzero
+    correction biases; biases too where the config has them)."""
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    model = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**config)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "e_score_correction_bias" in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.1 - 0.05)
+            elif p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+            elif name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def recomputed_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """A transformers model's argmax continuation, the whole prefix recomputed at each step."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
 def need_kernel(monkeypatch, setting: str, library, what: str) -> None:
     """A native kernel taken whatever the thread count (`setting`=1); a test fails, not skips,
     without it in CI."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import openai
 import pytest
 import torch
-from conftest import reference_model
+from conftest import hf_text_model, recomputed_greedy, reference_model
 from serving import Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -24,9 +24,8 @@ PROMPTS = [[5, 17, 42, 99, 3], [250, 1, 7]]
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
-
-    cfg = Ernie4_5_MoeConfig(
+    model = hf_text_model(
+        0,
         hidden_size=64,
         intermediate_size=96,
         moe_intermediate_size=32,
@@ -42,14 +41,6 @@ def ckpt(tmp_path_factory):
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = Ernie4_5_MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "e_score_correction_bias" in name:
-                p.uniform_(-0.05, 0.05)
-            elif p.dim() > 1:
-                p.normal_(0, 0.15)
     path = tmp_path_factory.mktemp("ckpt") / MODEL
     model.save_pretrained(path)
     assert not list(path.glob("tokenizer*"))
@@ -57,12 +48,7 @@ def ckpt(tmp_path_factory):
 
 
 def greedy(path, prompt: list[int], n: int) -> list[int]:
-    """transformers' argmax continuation, the whole prefix recomputed at each step."""
-    model, ids = reference_model(path), list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
+    return recomputed_greedy(reference_model(path), prompt, n)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import need_kernel
+from conftest import hf_text_model, need_kernel, recomputed_greedy
 from expertmesh.router.engine import EngineConfig, LLMEngine
 from expertmesh.router.sampling import SamplingParams
 from expertmesh.workers import fused_moe
@@ -46,36 +46,11 @@ def text_config(r: random.Random) -> dict:
     )
 
 
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Weights large enough that routing and logits differ clearly from position to position."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "e_score_correction_bias" in name:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.1 - 0.05)
-            elif p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
-            elif name.endswith(".bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
-def greedy(model, prompt: list[int], n: int) -> list[int]:
-    """The argmax continuation, the whole prefix recomputed at each step."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
-
-
 @pytest.mark.parametrize("seed", range(8))
 def test_text_model_on_a_random_config(tmp_path, seed):
-    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
-
     r = random.Random(seed)
     cfg = text_config(r)
-    model = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**cfg)).eval()
-    randomize_(model, seed)
+    model = hf_text_model(seed, **cfg)
     model.save_pretrained(tmp_path, max_shard_size=r.choice(["50KB", "10MB"]))
     shards = r.randint(1, min(4, cfg["moe_num_experts"]))
     engine_cfg = EngineConfig(block_size=r.choice([1, 4, 16]))
@@ -87,7 +62,7 @@ def test_text_model_on_a_random_config(tmp_path, seed):
             want = model(torch.tensor([prompt])).logits[0]
             assert (got - want).abs().max() <= TOL, cfg
     outs = engine.generate(prompts, GREEDY)
-    assert [o.token_ids for o in outs] == [greedy(model, p, 8) for p in prompts], cfg
+    assert [o.token_ids for o in outs] == [recomputed_greedy(model, p, 8) for p in prompts], cfg
 
 
 def vl_config(r: random.Random, vocab: int, ids: dict):
