@@ -173,3 +173,30 @@ def test_echo_scores_the_prompt(client, ckpt, stream):
         assert abs(lps[i] - float(want[i - 1, prompt[i]])) <= 1e-4
         assert len(tops[i]) >= 2
     assert abs(lps[-1] - float(want[-1].max())) <= 1e-4  # the greedy answer's token
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_is_the_prompt_alone(client, ckpt, stream):
+    prompt = PROMPTS[1]
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=0, logprobs=0, echo=True)
+    if stream:
+        chunks = list(
+            client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+        )
+        body = [c for c in chunks if c.choices]
+        assert len(body) == 1
+        c, usage = body[0].choices[0], chunks[-1].usage
+    else:
+        r = client.completions.create(**kw)
+        c, usage = r.choices[0], r.usage
+    with torch.no_grad():
+        want = torch.log_softmax(reference_model(ckpt)(torch.tensor([prompt])).logits[0], -1)
+    assert c.finish_reason == "length" and c.token_ids == [] and c.text == ""
+    assert c.logprobs.tokens == [f"token_id:{t}" for t in prompt]
+    assert c.logprobs.token_logprobs[0] is None
+    for i in range(1, len(prompt)):
+        assert abs(c.logprobs.token_logprobs[i] - float(want[i - 1, prompt[i]])) <= 1e-4
+    assert usage.prompt_tokens == len(prompt) and usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError) as e:  # 0 without echo
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"

@@ -756,6 +756,8 @@ def test_echo_puts_the_prompt_before_the_text_and_its_logprobs(tok):
     req = op.parse_completion_request({"prompt": "the sea", "echo": True, "logprobs": 1})
     assert op.sampling_params(req).prompt_logprobs == 1
     assert op.sampling_params(op.parse_completion_request({"prompt": "x"})).prompt_logprobs is None
+    only = op.parse_completion_request({"prompt": "x", "echo": True, "max_tokens": 0})
+    assert only.scores_only and op.sampling_params(only).max_tokens == 1  # one, dropped
     prompt = op.completion_prompts(req, tok)[0]
     assert op.echo_texts(req, [prompt], tok) == ["the sea"]
     ids_req = op.parse_completion_request({"prompt": prompt, "echo": True})

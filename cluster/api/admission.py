@@ -33,8 +33,9 @@ class Admission:
     ) -> None:
         """400 past the per-request limits, 429 past the key's rate or the in-flight bound."""
         n = self.check_choices(len(prompts), req.n)
+        most = req.requested_max_tokens
         max_tokens = max(
-            req.requested_max_tokens or self.args.default_max_tokens, req.min_tokens or 0
+            most if most is not None else self.args.default_max_tokens, req.min_tokens or 0, 1
         )
         tokens = sum(len(p) + min(max_tokens, context - len(p)) for p in prompts) * req.n
         if tokens > self.args.max_request_tokens:

@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .multiplex import Choice, GatewayMux, detached, merged
 from .ratelimit import load_keys
 from .routing import known_replicas
+from .textstream import Delta
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 0.9  # /health answers within a second, whatever the gateway is doing
@@ -367,15 +368,16 @@ class Ingress:
             resp.completion_choice(
                 req,
                 c.index,
-                c.stream,
-                r,
+                self._answer(req, c),
+                "length" if req.scores_only else r,
                 self.tokenizer,
                 prompt_of[c.index],
                 self._echo(c, echo_of, prompt_of),
             )
             for c, r in zip(choices, reasons)
         ]
-        return resp.completion_response(header, out, self._usage(prompt_tokens, choices))
+        usage = self._usage(prompt_tokens, choices, generated=not req.scores_only)
+        return resp.completion_response(header, out, usage)
 
     @staticmethod
     def _echo(c: Choice, echo_of: dict, prompt_of: dict) -> resp.Echo | None:
@@ -386,6 +388,23 @@ class Ingress:
     async def _completion_chunks(
         self, req, header, choices: list[Choice], prompt_tokens: int, prompt_of: dict, echo_of
     ):
+        if req.scores_only:  # one chunk per choice once it is done: its echo, no answer
+            for c in choices:
+                await c.run_to_end()
+                yield resp.completion_chunk(
+                    header,
+                    req,
+                    c.index,
+                    Delta(),
+                    self.tokenizer,
+                    "length",
+                    prompt_of[c.index],
+                    self._echo(c, echo_of, prompt_of),
+                )
+            if req.include_usage:
+                usage = self._usage(prompt_tokens, choices, generated=False)
+                yield resp.completion_usage_chunk(header, usage)
+            return
         first = set(prompt_of)  # choices whose first chunk is still to come
         async for c, delta, reason in merged(choices):
             head = c.index in first  # the first chunk carries the prompt's ids and its echo
@@ -428,6 +447,10 @@ class Ingress:
         for c in choices:
             c.cancel()  # aborts only those still running
 
-    def _usage(self, prompt_tokens: int, choices: list[Choice]) -> dict:
-        completion_tokens = sum(c.stream.num_tokens for c in choices)
+    def _usage(self, prompt_tokens: int, choices: list[Choice], generated: bool = True) -> dict:
+        completion_tokens = sum(c.stream.num_tokens for c in choices) if generated else 0
         return resp.usage(prompt_tokens, completion_tokens, self.model_cfg)
+
+    def _answer(self, req, c: Choice):
+        """The choice's stream, or an empty one when only the prompt is scored."""
+        return op.text_stream(req, self.tokenizer) if req.scores_only else c.stream

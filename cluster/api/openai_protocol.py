@@ -26,7 +26,8 @@ checked by `check_structured`, off the event loop) constrains the answer
 (`expertmesh.router.structured`).
 Completions' `echo`: each choice's text starts with its prompt (a token-id prompt decoded), and
 with `logprobs` its entries start with the prompt's tokens (the first has no logprob), as
-OpenAI's legacy endpoint and vLLM answer (what lm-evaluation-harness scores prompts with).
+OpenAI's legacy endpoint and vLLM answer (what lm-evaluation-harness scores prompts with);
+with `max_tokens: 0` that is all (the engine computes one token, which is dropped).
 Extensions: vLLM's `top_k`, `ignore_eos` and `stop_token_ids` (ids that end the choice like EOS:
 the text leaves them out, finish_reason "stop"); vLLM's `return_token_ids` (`token_ids` per
 choice, one per counted token; `prompt_token_ids`: per choice for completions, on the response
@@ -440,7 +441,9 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         "", validate_default=True, description="text, texts, token ids, or lists of token ids"
     )
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(16, description="output limit")
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        16, description="output limit; 0 only with echo (the prompt scored, nothing generated)"
+    )
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = Field(
         None, description="return the chosen tokens' logprobs and this many alternatives"
     )
@@ -458,6 +461,17 @@ class CompletionRequest(_Sampling):
 
     # a name of its own: `_unsupported` would replace _Sampling's validator
     _unsupported_completions = field_validator("suffix")(_only_neutral)
+
+    @model_validator(mode="after")
+    def _zero_only_with_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens", "must be at least 1 (0 only with echo)")
+        return self
+
+    @property
+    def scores_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs), no answer."""
+        return bool(self.echo) and self.max_tokens == 0
 
     @model_validator(mode="after")
     def _best_of_is_n(self):
@@ -659,7 +673,7 @@ def sampling_params(
         max_tokens = req.requested_max_tokens or default_max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
-        max_tokens = req.max_tokens or default_max_tokens
+        max_tokens = 1 if req.scores_only else (req.max_tokens or default_max_tokens)
         logprobs = req.logprobs
     max_tokens = max(max_tokens, req.min_tokens or 0)  # a default below min_tokens gives way
     seed = None
