@@ -291,7 +291,8 @@ class LLMEngine:
 
     def _prompt_logprob_rows(self, plan: list[ScheduledSeq], meta) -> list | None:
         """Where a sequence asking for prompt logprobs has prompt tokens in this step, logits
-        for all of its rows (`meta.logit_index`); per sequence its (first row, rows) in them."""
+        for all of its rows (`meta.logit_index`); per sequence (first row, rows, whether it
+        wants them)."""
         want = [
             self.requests[s.seq.seq_id].params.prompt_logprobs is not None
             and s.seq.num_computed < s.seq.num_prompt
@@ -302,7 +303,7 @@ class LLMEngine:
         index, spans = [], []
         for s, w, last in zip(plan, want, meta.last_index.tolist(), strict=True):
             first = last - s.num_tokens + 1 if w else last
-            spans.append((len(index), last - first + 1))
+            spans.append((len(index), last - first + 1, w))
             index.extend(range(first, last + 1))
         meta.logit_index = torch.tensor(index, device=meta.last_index.device)
         return spans
@@ -310,12 +311,12 @@ class LLMEngine:
     def _gather_prompt_logprobs(self, plan, logits: torch.Tensor, spans) -> torch.Tensor:
         """logits: [R, V] over `spans`; keeps the prompt tokens' logprobs of this step's
         chunks and returns the last row of each sequence: [B, V]."""
-        for s, (r0, n) in zip(plan, spans, strict=True):
+        for s, (r0, n, wanted) in zip(plan, spans, strict=True):
+            if not wanted:
+                continue
             req, seq = self.requests[s.seq.seq_id], s.seq
             k = req.params.prompt_logprobs
             p0 = seq.num_computed  # row j of the chunk predicts the token at p0 + j + 1
-            if k is None or p0 >= seq.num_prompt:  # not asked, or decoding
-                continue
             m = min(n, seq.num_prompt - 1 - p0)
             if req.prompt_logprobs is None:
                 req.prompt_logprobs = [None]  # the first token has no context
@@ -329,7 +330,7 @@ class LLMEngine:
                 vals, top_ids = torch.topk(lp, min(k, lp.shape[-1]))
                 tops = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), vals.tolist())]
             req.prompt_logprobs += [(c, t) for c, t in zip(chosen, tops)]
-        return logits[[r0 + n - 1 for r0, n in spans]]
+        return logits[[r0 + n - 1 for r0, n, _ in spans]]
 
     def _update(self, plan: list[ScheduledSeq], logits, last_index) -> list[TokenEvent]:
         rows = [i for i, s in enumerate(plan) if s.samples]

@@ -349,11 +349,11 @@ class Ingress:
         await self._start(choices)
         prompt_tokens = sum(len(p) for p in prompts)
         header = resp.completion_header(self.model_name)
-        prompt_of = {c.index: prompts[c.index // (req.n or 1)] for c in choices}
+        prompt_of = {c.index: prompts[c.index // req.n] for c in choices}
         echo_of = {}
         if req.echo:
             texts = op.echo_texts(req, prompts, self.tokenizer)
-            echo_of = {c.index: texts[c.index // (req.n or 1)] for c in choices}
+            echo_of = {c.index: texts[c.index // req.n] for c in choices}
         if req.stream:
             chunks = self._completion_chunks(
                 req, header, choices, prompt_tokens, prompt_of, echo_of

@@ -591,6 +591,14 @@ def _encode_prompt(tokenizer, text: str, param: str) -> list[int]:
         raise bad_request(f"{param}: the text cannot be tokenized: {e}", param) from e
 
 
+def text_prompts(req: CompletionRequest) -> list[str] | None:
+    """A completions request's prompts when they are text (one or several), else None."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    return list(p) if p and all(isinstance(x, str) for x in p) else None
+
+
 def check_without_tokenizer(req, model: str) -> None:
     """APIError 400 for what a checkpoint without a tokenizer cannot serve: chat (no chat
     template), text prompts and stop strings (no text to encode or to search)."""
@@ -600,8 +608,7 @@ def check_without_tokenizer(req, model: str) -> None:
             f"{why}, hence no chat template: send token ids as the prompt of /v1/completions",
             "messages",
         )
-    p = req.prompt
-    if isinstance(p, str) or any(isinstance(x, str) for x in p):
+    if text_prompts(req) is not None:
         raise bad_request(f"{why}: the prompt must be token ids", "prompt")
     if req.stop_list:
         raise bad_request(f"{why}: stop strings cannot be matched; use stop_token_ids", "stop")
@@ -720,11 +727,9 @@ def finish_reason(engine_reason: str | None, stream: TextStream) -> str | None:
 def echo_texts(req: CompletionRequest, prompts: list[list[int]], tokenizer) -> list[str]:
     """What `echo` puts before each prompt's choices: a text prompt as sent, a token-id prompt
     decoded (empty without a tokenizer)."""
-    p = req.prompt
-    if isinstance(p, str):
-        return [p]
-    if p and all(isinstance(x, str) for x in p):
-        return list(p)
+    texts = text_prompts(req)
+    if texts is not None:
+        return texts
     if tokenizer is None:
         return ["" for _ in prompts]
     return [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
