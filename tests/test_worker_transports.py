@@ -9,6 +9,7 @@ the TCP frames, malformed and refused ones included.
 from __future__ import annotations
 
 import functools
+import queue
 import re
 import socket
 import threading
@@ -238,6 +239,164 @@ def test_grpc_info_and_bad_layer(mesh):
         with pytest.raises(grpc.RpcError) as err:
             stub.Forward(request, timeout=5)  # layer 0 is dense
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def forward_request(layer: int, x, ids, weights) -> expert_pb2.ForwardRequest:
+    return expert_pb2.ForwardRequest(
+        layer=layer,
+        x=tensor_to_proto(x),  # [n, H]
+        expert_ids=tensor_to_proto(ids),  # [n, k]
+        weights=tensor_to_proto(weights),  # [n, k]
+    )
+
+
+def test_grpc_server_serves_grpcios_own_client_and_refuses_only_the_bad_call(mesh):
+    """The worker's serving loop (grpcio's Cython layer) against grpcio's public client:
+    Forward (unary) gives the shard's rows; ForwardStream answers in order on one call; an
+    unknown method is UNIMPLEMENTED; bytes that are no ForwardRequest, a wire dtype that does
+    not exist and a layer that is not MoE end their own call with INVALID_ARGUMENT, after
+    the replies before them; the server goes on serving."""
+    m = mesh("top2of8-shared1", workers=2)
+    layers, hidden = m.model_cfg.moe_layers, m.model_cfg.hidden_size
+    g = torch.Generator().manual_seed(3)
+    mine = torch.tensor([[0, -1], [1, 2], [-1, 3]])  # experts of worker 0 (it holds 0..3)
+    calls = [(layers[i % len(layers)], torch.randn(3, hidden, generator=g), mine,
+              torch.rand(3, 2, generator=g)) for i in range(5)]  # fmt: skip
+    with torch.inference_mode():
+        want = [m.shards[0].forward(*c) for c in calls]
+    service = "/expertmesh.expert.ExpertService/"
+    with grpc.insecure_channel(m.dispatcher.addresses[0]) as channel:
+        stub = expert_pb2_grpc.ExpertServiceStub(channel)
+        got = tensor_from_proto(stub.Forward(forward_request(*calls[0]), timeout=5).y)
+        torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-5)
+        replies = stub.ForwardStream(iter([forward_request(*c) for c in calls]), timeout=5)
+        for reply, w in zip(replies, want, strict=True):
+            torch.testing.assert_close(tensor_from_proto(reply.y), w, rtol=1e-5, atol=1e-5)
+
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary(service + "Nope")(b"", timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary(service + "Forward")(b"\xff\xff\xff", timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a ForwardRequest" in err.value.details()
+        odd = forward_request(*calls[1])
+        odd.x.dtype = "float99"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Forward(odd, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "float99" in err.value.details()
+
+        dense = forward_request(0, *calls[0][1:])  # layer 0 is dense
+        replies = stub.ForwardStream(iter([forward_request(*calls[0]), dense]), timeout=5)
+        torch.testing.assert_close(
+            tensor_from_proto(next(replies).y), want[0], rtol=1e-5, atol=1e-5
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            next(replies)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "layer 0 is not MoE" in err.value.details()
+        assert stub.Info(expert_pb2.InfoRequest(), timeout=5).shard_index == 0
+    prompts = prompts_of(RAGGED, m.model_cfg.vocab_size, seed=7)  # the engine is unaffected
+    assert tokens(m.engine, prompts) == [ref_greedy(m.path, tuple(p), 32) for p in prompts]
+
+
+def test_grpc_server_computes_what_arrived_together_as_one_batch(mesh):
+    """Three gateways' streams to one worker: while a computation is under way, the requests
+    that arrive meanwhile (two of one layer, one of another) wait in the server's queue and
+    are then taken together: one computation per layer, each reply its own rows."""
+    m = mesh("top2of8-shared1", workers=2)
+    layers, hidden = m.model_cfg.moe_layers, m.model_cfg.hidden_size
+    server = m.servers[0]
+    g = torch.Generator().manual_seed(5)
+    mine = torch.tensor([[0, -1], [1, 2]])  # [2, k]: experts of worker 0
+    calls = [(layers[i], torch.randn(2, hidden, generator=g), mine, torch.rand(2, 2, generator=g))
+             for i in (0, 0, 0, 1)]  # fmt: skip
+    with torch.inference_mode():
+        want = [m.shards[0].forward(*c) for c in calls]
+    channels = [grpc.insecure_channel(m.dispatcher.addresses[0]) for _ in calls]
+    try:
+        queues = [queue.SimpleQueue() for _ in calls]
+        replies = [
+            expert_pb2_grpc.ExpertServiceStub(c).ForwardStream(iter(q.get, None), timeout=20)
+            for c, q in zip(channels, queues, strict=True)
+        ]
+        before = server.combiner.stats.snapshot()
+        entered, together = threading.Event(), server.combiner.compute_together
+
+        def compute_together(*args):
+            entered.set()
+            return together(*args)
+
+        server.combiner.compute_together = compute_together
+        server.combiner._compute.acquire()  # a computation under way
+        try:
+            queues[0].put(forward_request(*calls[0]))  # the server's thread takes it and waits
+            assert entered.wait(10)
+            for i in (1, 2, 3):
+                queues[i].put(forward_request(*calls[i]))
+            time.sleep(1.0)  # they reach the server's queue meanwhile (loopback)
+        finally:
+            server.combiner._compute.release()
+        for r, w in zip(replies, want, strict=True):
+            torch.testing.assert_close(tensor_from_proto(next(r).y), w, rtol=1e-5, atol=1e-5)
+        after = server.combiner.stats.snapshot()
+        # the first alone, then the two of its layer together and the other layer's
+        assert after["exchanges"] - before["exchanges"] == 4
+        assert after["batches"] - before["batches"] == 3
+        for q in queues:
+            q.put(None)
+    finally:
+        for c in channels:
+            c.close()
+
+
+def test_grpc_server_refuses_calls_past_its_limit_and_stops_with_a_grace(mesh):
+    m = mesh("top2of8-shared1", workers=2)
+    server, port = start_expert_server(m.shards[0], 0, max_calls=1)
+    layer, hidden = m.model_cfg.moe_layers[0], m.model_cfg.hidden_size
+    request = forward_request(
+        layer, torch.randn(1, hidden), torch.tensor([[0, 1]]), torch.rand(1, 2)
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+            requests = queue.SimpleQueue()
+            requests.put(request)
+            stream = stub.ForwardStream(iter(requests.get, None), timeout=20)
+            next(stream)  # the one call it takes is open
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Info(expert_pb2.InfoRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "too many calls (1)" in err.value.details()
+            stopped = server.stop(grace=0.5)  # the open stream may finish within the grace
+            requests.put(request)
+            next(stream)
+            assert stopped.wait(10)  # then it is cut off and the server is gone
+            with pytest.raises(grpc.RpcError):
+                next(stream)
+    finally:
+        server.stop(0).wait(10)
+
+
+def test_grpc_stream_reads_a_reply_ahead_when_sent_twice(mesh):
+    """gRPC allows one message in flight each way per call: a second send before the first
+    reply is read reads that reply first (kept for the next receive), so order holds."""
+    from expertmesh.router.grpc_dispatch import _Stream
+
+    m = mesh("top2of8-shared1", workers=2)
+    layer, hidden = m.model_cfg.moe_layers[0], m.model_cfg.hidden_size
+    calls = [(layer, torch.randn(1, hidden), torch.tensor([[i, -1]]), torch.ones(1, 2))
+             for i in range(3)]  # fmt: skip
+    with torch.inference_mode():
+        want = [m.shards[0].forward(*c) for c in calls]
+    with grpc.insecure_channel(m.dispatcher.addresses[0]) as channel:
+        stream = _Stream(channel)
+        for c in calls:
+            stream.send(forward_request(*c))
+        for w in want:
+            torch.testing.assert_close(tensor_from_proto(stream.receive(5).y), w)
+        stream.close()
 
 
 # -- failures ---------------------------------------------------------------------------------

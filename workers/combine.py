@@ -71,6 +71,14 @@ class Combiner:
             raise job.error
         return job.y
 
+    def compute_together(self, layer: int, parts: list[tuple]) -> list[torch.Tensor]:
+        """`compute` for a caller that gathered several exchanges itself (the gRPC server's
+        thread): rows that arrived on the CPU are moved to the shard's device first."""
+        dev = self.shard.device
+        parts = [tuple(t.to(dev) for t in p) for p in parts]
+        with self._compute:
+            return self.compute(layer, parts)
+
     def compute(self, layer: int, parts: list[tuple]) -> list[torch.Tensor]:
         """Exchanges (x [n, H], ids [n, k], weights [n, k]) of one layer in one computation;
         their results [n, H], in order."""
