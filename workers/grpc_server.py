@@ -109,25 +109,23 @@ class ExpertGrpcServer:
     # -- the serving thread ---------------------------------------------------------------
 
     def _serve(self) -> None:
-        try:
-            while not self._finished():
-                event = self._cq.poll(time.time() + _POLL_S)
-                if event.completion_type == _TIMEOUT:
-                    self._cancel_if_grace_ended()
-                    continue
-                events = [event]
-                while (more := self._cq.poll(0)).completion_type != _TIMEOUT:
-                    events.append(more)  # everything ready now is answered together
-                requests = []
-                for e in events:
+        while not self._finished():
+            event = self._cq.poll(time.time() + _POLL_S)
+            if event.completion_type == _TIMEOUT:
+                self._cancel_if_grace_ended()
+                continue
+            events = [event]
+            while (more := self._cq.poll(0)).completion_type != _TIMEOUT:
+                events.append(more)  # everything ready now is answered together
+            requests = []
+            for e in events:
+                try:
                     requests += self._on_event(e)
-                self._compute(requests)
-        except Exception:
-            log.exception("the expert server's thread failed")
-            raise
-        finally:
-            self._server.destroy()
-            self._stopped.set()
+                except Exception:  # a bug: that call may go unanswered (the gateway's deadline
+                    log.exception("handling a gRPC event failed")  # cuts it), the rest go on
+            self._compute(requests)
+        self._server.destroy()
+        self._stopped.set()
 
     def _finished(self) -> bool:
         with self._lock:
@@ -230,14 +228,14 @@ class ExpertGrpcServer:
             try:
                 with torch.inference_mode():
                     ys = self.combiner.compute_together(layer, parts)  # [n, H] each
+                replies = [expert_pb2.ForwardReply(y=tensor_to_proto(y)) for y in ys]
             except Exception as e:  # the gateway sees only the message: keep the traceback here
                 rows = sum(len(r.x) for r in group)
                 log.exception("layer %d: computing %d rows failed", layer, rows)
                 for r in group:
                     self._end(r.call, cygrpc.StatusCode.unknown, f"{type(e).__name__}: {e}")
                 continue
-            for r, y in zip(group, ys, strict=True):
-                reply = expert_pb2.ForwardReply(y=tensor_to_proto(y))
+            for r, reply in zip(group, replies, strict=True):
                 self._reply(r.call, reply.SerializeToString())
 
     # -- starting batches -------------------------------------------------------------------

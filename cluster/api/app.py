@@ -57,7 +57,11 @@ def gateway_deployment(args: ServeArgs) -> serve.Deployment:
     options = dict(
         name="Gateway",
         max_ongoing_requests=100_000,  # every request counts; the engine queues and batches
-        ray_actor_options={"num_cpus": first.get("CPU", 1), "num_gpus": first.get("GPU", 0)},
+        ray_actor_options={
+            "num_cpus": first.get("CPU", 1),
+            "num_gpus": first.get("GPU", 0),
+            "runtime_env": cfg.runtime_env(),
+        },
         health_check_period_s=2,
         health_check_timeout_s=10,
         graceful_shutdown_timeout_s=GRACE_S,  # the server drains the gateway before it stops

@@ -47,6 +47,7 @@ class GatewayHandle:
             num_cpus=cfg.gateway_cpus,
             num_gpus=bundles(cfg)[0].get("GPU", 0),
             max_concurrency=1000,
+            runtime_env=cfg.runtime_env(),
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=0
             ),

@@ -85,6 +85,7 @@ class WorkerSet(Workers):
             max_task_retries=0,
             max_concurrency=64,  # ready() answers while each gateway's collective loop runs
             name=None,
+            runtime_env=self.cfg.runtime_env(),
         )
         if self.pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
