@@ -112,6 +112,22 @@ def test_gateway_threads_default_leaves_a_core_to_the_rest(fields, gateways, cor
     assert cfg.gateway_torch_threads(gateways, cores) == threads
 
 
+def test_grpc_experiments_reach_the_gateway_and_workers_env_on_grpc_only(monkeypatch):
+    monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
+    grpc = ClusterConfig(model="m", transport="grpc")
+    assert grpc.runtime_env() == {
+        "env_vars": {"GRPC_EXPERIMENTS": "-event_engine_client,-event_engine_listener"}
+    }
+    assert ClusterConfig(model="m", transport="tcp").runtime_env() == {}
+    assert ClusterConfig(model="m", grpc_experiments="").runtime_env() == {}  # gRPC's defaults
+    mine = ClusterConfig(model="m", grpc_experiments="-event_engine_client")
+    assert mine.runtime_env() == {"env_vars": {"GRPC_EXPERIMENTS": "-event_engine_client"}}
+    monkeypatch.setenv("GRPC_EXPERIMENTS", "")  # the environment's own setting wins
+    assert grpc.runtime_env() == {}
+    options = gateway_deployment(ServeArgs(model="m", transport="grpc")).ray_actor_options
+    assert options["runtime_env"] == {}
+
+
 def test_generate_flags_are_cluster_fields_too():
     parser = argparse.ArgumentParser()
     add_args(parser, GenerateArgs)
