@@ -55,10 +55,7 @@ class Combiner:
     ) -> torch.Tensor:
         """Like `ExpertShard.forward`; may compute other callers' rows of `layer` with these.
         Rows that arrived on the CPU (gRPC, TCP) are moved to the shard's device (a GPU)."""
-        dev = self.shard.device
-        if x.device != dev:
-            x, ids, weights = x.to(dev), ids.to(dev), weights.to(dev)
-        job = _Job(layer, x, ids, weights)
+        job = _Job(layer, *self._on_device(x, ids, weights))
         with self._queue_lock:
             self._queue.append(job)
         with self._compute:
@@ -74,10 +71,14 @@ class Combiner:
     def compute_together(self, layer: int, parts: list[tuple]) -> list[torch.Tensor]:
         """`compute` for a caller that gathered several exchanges itself (the gRPC server's
         thread): rows that arrived on the CPU are moved to the shard's device first."""
-        dev = self.shard.device
-        parts = [tuple(t.to(dev) for t in p) for p in parts]
+        parts = [self._on_device(*p) for p in parts]
         with self._compute:
             return self.compute(layer, parts)
+
+    def _on_device(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors on the shard's device (rows arrive on the CPU; the shard may be on a GPU)."""
+        dev = self.shard.device
+        return tuple(t if t.device == dev else t.to(dev) for t in tensors)
 
     def compute(self, layer: int, parts: list[tuple]) -> list[torch.Tensor]:
         """Exchanges (x [n, H], ids [n, k], weights [n, k]) of one layer in one computation;

@@ -138,7 +138,7 @@ class ExpertGrpcServer:
                 self._due -= 1
             if event.success:
                 self._request_call()
-                return self._on_call(_Call(event.call, event.call_details.method))
+                self._on_call(_Call(event.call, event.call_details.method))
             return []
         if tag is _SHUTDOWN:
             with self._lock:
@@ -159,7 +159,7 @@ class ExpertGrpcServer:
                 self._calls.discard(c)
         return requests
 
-    def _on_call(self, c: _Call) -> list[_Request]:
+    def _on_call(self, c: _Call) -> None:
         with self._lock:
             full = len(self._calls) >= self.max_calls
             self._calls.add(c)
@@ -167,7 +167,7 @@ class ExpertGrpcServer:
         if not c.due:  # gone already
             with self._lock:
                 self._calls.discard(c)
-            return []
+            return
         if full:
             log.warning("refusing a call: %d open", self.max_calls)
             self._end(c, cygrpc.StatusCode.resource_exhausted, f"too many calls ({self.max_calls})")
@@ -178,7 +178,6 @@ class ExpertGrpcServer:
             self._start(c, (cygrpc.ReceiveMessageOperation(0),), "message")
         else:
             self._end(c, cygrpc.StatusCode.unimplemented, "Method not found!")
-        return []
 
     def _on_message(self, c: _Call, message: bytes | None) -> list[_Request]:
         if message is None:  # the client closed its side: a stream ends well, a unary call not
